@@ -1,0 +1,172 @@
+"""Parse, repair and clean ``styles.csv`` the way the study did, counting every change.
+
+Real quirks handled here: rows whose ``productDisplayName`` contains unquoted commas
+(11-12 fields instead of 10) are repaired by joining the extra fields back into the name;
+missing values follow the study (no name or no year -> drop; usage / baseColour / season
+-> "Unknown"). Every repair, fill and drop is counted by reason in a :class:`DataReport`
+that the apps write to the run dir as ``data_report.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from fashion_lightning.data.source import CatalogSource
+
+log = logging.getLogger(__name__)
+
+COLUMNS = (
+    "id", "gender", "masterCategory", "subCategory", "articleType",
+    "baseColour", "season", "year", "usage", "productDisplayName",
+)  # fmt: skip
+TASKS = ("articleType", "baseColour", "gender", "masterCategory", "season", "subCategory")
+OPTIONAL_TASKS = ("usage",)
+FILL_UNKNOWN = ("usage", "baseColour", "season")
+UNKNOWN = "Unknown"
+_MAX_EXAMPLES = 20  # ids kept per reason in the report (counts are always complete)
+
+
+@dataclass
+class DataReport:
+    """What cleaning did, by reason; JSON-serialisable."""
+
+    source: str = ""
+    rows_read: int = 0
+    rows_kept: int = 0
+    repaired: dict[str, int] = field(default_factory=dict)
+    repaired_ids: list[int] = field(default_factory=list)
+    filled: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)
+    dropped_ids: dict[str, list[int]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def drop(self, reason: str, ids: Iterable[int]) -> None:
+        ids = [int(i) for i in ids]
+        if not ids:
+            return
+        self.dropped[reason] = self.dropped.get(reason, 0) + len(ids)
+        kept = self.dropped_ids.setdefault(reason, [])
+        kept.extend(ids[: max(0, _MAX_EXAMPLES - len(kept))])
+        log.warning("dropped %d row(s): %s (e.g. ids %s)", len(ids), reason, ids[:5])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+    def summary(self) -> str:
+        drops = ", ".join(f"{k}={v}" for k, v in self.dropped.items()) or "none"
+        fills = ", ".join(f"{k}={v}" for k, v in self.filled.items()) or "none"
+        return (
+            f"{self.rows_read} rows read, {self.rows_kept} kept; repaired {sum(self.repaired.values())} "
+            f"({', '.join(f'{k}={v}' for k, v in self.repaired.items()) or 'none'}); dropped: {drops}; filled Unknown: {fills}"
+        )
+
+
+def parse_styles(raw: bytes, report: DataReport) -> pd.DataFrame:
+    """Parse styles.csv bytes into string columns, repairing unquoted commas in the name."""
+    text = raw.decode("utf-8-sig", errors="replace")
+    reader = csv.reader(io.StringIO(text))
+    header = [h.strip() for h in next(reader, [])]
+    missing = [c for c in COLUMNS if c not in header]
+    if missing:
+        raise ValueError(f"styles.csv lacks column(s) {missing}; header is {header}")
+    width = len(header)
+    name_col = header.index("productDisplayName")
+    rows, short, repaired = [], [], Counter()
+    for line_no, fields in enumerate(reader, start=2):
+        if not fields or all(not f.strip() for f in fields):
+            continue
+        report.rows_read += 1
+        if len(fields) > width and name_col == width - 1:
+            repaired[f"name_with_{len(fields) - width}_extra_commas"] += 1
+            report.repaired_ids.append(_int_or(fields[0], line_no))
+            fields = fields[: width - 1] + [",".join(fields[width - 1 :])]
+        elif len(fields) != width:
+            short.append(_int_or(fields[0], -line_no))
+            continue
+        rows.append(fields)
+    report.repaired = dict(repaired)
+    if repaired:
+        log.info("repaired %d row(s) with unquoted commas in productDisplayName", sum(repaired.values()))
+    report.drop("malformed_row (wrong number of fields)", short)
+    frame = pd.DataFrame(rows, columns=header, dtype="object")
+    return frame[list(COLUMNS)].apply(lambda s: s.str.strip())
+
+
+def _int_or(value: str, default: int) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        return default
+
+
+def clean_styles(frame: pd.DataFrame, report: DataReport, exclude_master_categories: Iterable[str] = ()) -> pd.DataFrame:
+    """Apply the study's cleaning rules, recording each by reason."""
+    frame = frame.replace({"": None})
+    ids = pd.to_numeric(frame["id"], errors="coerce")
+    report.drop("bad_id (not an integer)", frame.index[ids.isna()])
+    frame = frame[ids.notna()].assign(id=ids[ids.notna()].astype("int64"))
+    dup = frame["id"].duplicated(keep="first")
+    report.drop("duplicate_id", frame.loc[dup, "id"])
+    frame = frame[~dup]
+
+    no_name = frame["productDisplayName"].isna()
+    report.drop("missing_productDisplayName", frame.loc[no_name, "id"])
+    frame = frame[~no_name]
+    years = pd.to_numeric(frame["year"], errors="coerce")
+    report.drop("missing_or_bad_year", frame.loc[years.isna(), "id"])
+    frame = frame[years.notna()].assign(year=years[years.notna()].astype("int64"))
+
+    for col in FILL_UNKNOWN:
+        n = int(frame[col].isna().sum())
+        if n:
+            report.filled[col] = n
+            frame[col] = frame[col].fillna(UNKNOWN)
+    required = [c for c in ("gender", "masterCategory", "subCategory", "articleType") if frame[c].isna().any()]
+    for col in required:
+        report.drop(f"missing_{col}", frame.loc[frame[col].isna(), "id"])
+        frame = frame[frame[col].notna()]
+
+    excluded = frame["masterCategory"].isin(list(exclude_master_categories))
+    report.drop("excluded_masterCategory", frame.loc[excluded, "id"])
+    return frame[~excluded].reset_index(drop=True)
+
+
+@dataclass
+class Catalog:
+    """A cleaned catalog: one row per product whose image file exists."""
+
+    source: CatalogSource
+    frame: pd.DataFrame
+    report: DataReport
+
+
+def load_catalog(root: str | Path | CatalogSource, exclude_master_categories: Iterable[str] = ()) -> Catalog:
+    """Read, repair and clean a Kaggle-layout catalog; drop rows with no image file.
+
+    Undecodable images are dropped later, when the image cache decodes them
+    (:func:`fashion_lightning.data.image_cache.attach_images`).
+    """
+    source = root if isinstance(root, CatalogSource) else CatalogSource(root)
+    report = DataReport(source=str(source.root))
+    frame = clean_styles(parse_styles(source.read_styles(), report), report, exclude_master_categories)
+    has_image = frame["id"].isin(source.image_ids)
+    report.drop("missing_image", frame.loc[~has_image, "id"])
+    frame = frame[has_image].reset_index(drop=True)
+    report.rows_kept = len(frame)
+    log.info("catalog %s: %s", source.root.name, report.summary())
+    return Catalog(source, frame, report)

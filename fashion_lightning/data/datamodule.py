@@ -1,0 +1,217 @@
+"""FashionDataModule: catalog -> cleaning -> image cache -> splits -> vocab -> loaders.
+
+One datamodule serves both model families and every app (train, eval, index). With
+``root=None`` it uses the embedded synthetic catalog, generated into the cache on first use.
+Each run writes what it used into ``output_dir``: ``data_report.json`` (every repair and
+drop by reason), ``splits.csv`` and ``vocab.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from torch.utils.data import DataLoader
+
+from fashion_lightning.data.catalog import TASKS, Catalog, load_catalog
+from fashion_lightning.data.class_weights import balanced_class_weights
+from fashion_lightning.data.dataset import FashionDataset
+from fashion_lightning.data.image_cache import ImageCache, attach_images, build_image_cache
+from fashion_lightning.data.images import NATIVE_HW
+from fashion_lightning.data.splits import SPLITS, load_splits, save_splits, stratified_split
+from fashion_lightning.data.vocab import LabelVocabs
+
+log = logging.getLogger(__name__)
+EVAL_SPLITS = (*SPLITS, "all")
+
+
+class FashionDataModule(L.LightningDataModule):
+    """Kaggle-layout catalog (folder, nested folder or .zip) or the synthetic one, as loaders."""
+
+    def __init__(
+        self,
+        root: str | None = None,
+        num_items: int = 1200,
+        synthetic_seed: int = 0,
+        cache_dir: str = "~/.cache/fashion-lightning",
+        output_dir: str | None = None,
+        tasks: Sequence[str] = TASKS,
+        min_count: int = 10,
+        exclude_master_categories: Sequence[str] = ("Home",),
+        test_size: float = 0.3,
+        val_size: float = 0.2,
+        split_seed: int = 42,
+        splits_path: str | None = None,
+        split: str = "test",
+        max_items: int | None = None,
+        vocabs: Mapping[str, Sequence[str]] | LabelVocabs | None = None,
+        class_weight_power: float = 0.5,
+        class_weight_clip: Sequence[float] = (0.1, 10.0),
+        train_transform: Callable | None = None,
+        text_template: str | None = None,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
+        decode_workers: int | None = None,
+    ) -> None:
+        super().__init__()
+        if split not in EVAL_SPLITS:
+            raise ValueError(f"split must be one of {EVAL_SPLITS}, got {split!r}")
+        unknown = [t for t in tasks if t not in (*TASKS, "usage")]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; choose from {(*TASKS, 'usage')}")
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError(f"batch_size must be >= 1 and num_workers >= 0 (got {batch_size}, {num_workers})")
+        if max_items is not None and max_items < 10:
+            raise ValueError(f"max_items must be >= 10 or null, got {max_items}")
+        # plain lists, not OmegaConf containers: checkpoints must load with weights_only=True
+        tasks, exclude_master_categories = list(tasks), list(exclude_master_categories)
+        class_weight_clip = [float(v) for v in class_weight_clip]
+        self.save_hyperparameters(ignore=["train_transform", "vocabs"])
+        self.root = root
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.tasks = list(tasks)
+        self.train_transform = train_transform
+        self.vocabs: LabelVocabs | None = LabelVocabs.from_dict(vocabs) if isinstance(vocabs, Mapping) else vocabs
+        self.catalog: Catalog | None = None
+        self._raw_catalog: Catalog | None = None  # loaded by prepare_data, consumed by setup
+        self.cache: ImageCache | None = None
+        self.frames: dict[str, pd.DataFrame] = {}
+        self.class_weights: dict[str, Any] = {}
+        self.datasets: dict[str, FashionDataset] = {}
+
+    # -- preparation ----------------------------------------------------------------------
+    def catalog_root(self) -> Path:
+        if self.root:
+            return Path(self.root).expanduser()
+        from fashion_lightning.data.synthetic import ensure_synthetic_catalog
+
+        return ensure_synthetic_catalog(self.cache_dir, self.hparams.num_items, self.hparams.synthetic_seed)
+
+    def prepare_data(self) -> None:
+        """Generate the synthetic catalog / decode the image cache once (rank 0 only, in DDP)."""
+        if self._raw_catalog is None and self.catalog is None:
+            self._raw_catalog = load_catalog(self.catalog_root(), self.hparams.exclude_master_categories)
+            build_image_cache(self._raw_catalog.source, self.cache_dir, NATIVE_HW, self.hparams.decode_workers)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.catalog is not None:
+            return
+        catalog = self._raw_catalog or load_catalog(self.catalog_root(), self.hparams.exclude_master_categories)
+        self._raw_catalog = None
+        self.cache = build_image_cache(catalog.source, self.cache_dir, NATIVE_HW, self.hparams.decode_workers)
+        self.catalog = attach_images(catalog, self.cache)
+        frame = self._subsample(self.catalog.frame)
+        split = (
+            load_splits(frame, self.hparams.splits_path)
+            if self.hparams.splits_path
+            else stratified_split(frame, "articleType", self.hparams.test_size, self.hparams.val_size, self.hparams.split_seed)
+        )
+        self.frames = {name: frame[split == name].reset_index(drop=True) for name in SPLITS}
+        self.frames["all"] = frame[split != "unlisted"].reset_index(drop=True)
+        if self.vocabs is None:
+            self.vocabs = LabelVocabs.build(self.frames["train"], self.tasks, self.hparams.min_count)
+        elif self.vocabs.tasks != self.tasks:
+            log.info("using the given vocabulary's tasks %s", self.vocabs.tasks)
+            self.tasks = self.vocabs.tasks
+        self.class_weights = self._class_weights(self.frames["train"])
+        self.datasets = {name: self._dataset(f, train=name == "train") for name, f in self.frames.items()}
+        self._write_reports(frame, split)
+        sizes = ", ".join(f"{k}={len(v)}" for k, v in self.frames.items())
+        log.info("data ready: %s; classes %s", sizes, self.vocabs.num_classes)
+
+    def _subsample(self, frame: pd.DataFrame) -> pd.DataFrame:
+        n = self.hparams.max_items
+        if n is None or n >= len(frame):
+            return frame
+        log.info("max_items=%d: using a seeded random subset of %d catalog rows", n, len(frame))
+        return frame.sample(n=n, random_state=self.hparams.split_seed).sort_index().reset_index(drop=True)
+
+    def _class_weights(self, train: pd.DataFrame) -> dict[str, Any]:
+        labels = self.vocabs.encode(train)
+        return {
+            task: balanced_class_weights(
+                labels[:, col], len(self.vocabs[task]), self.hparams.class_weight_power, tuple(self.hparams.class_weight_clip)
+            )
+            for col, task in enumerate(self.vocabs.tasks)
+        }
+
+    def texts(self, frame: pd.DataFrame) -> list[str]:
+        template = self.hparams.text_template
+        if not template:
+            return frame["productDisplayName"].astype(str).tolist()
+        return [template.format(**row) for row in frame.to_dict("records")]
+
+    def _dataset(self, frame: pd.DataFrame, train: bool) -> FashionDataset:
+        h, w = self.cache.size_hw
+        return FashionDataset(
+            images_path=self.cache.images_path,
+            cache_shape=(len(self.cache.ids), h, w, 3),
+            cache_rows=frame["cache_row"].to_numpy(),
+            labels=self.vocabs.encode(frame),
+            ids=frame["id"].to_numpy(),
+            texts=self.texts(frame),
+            transform=self.train_transform if train else None,
+        )
+
+    @rank_zero_only
+    def _write_reports(self, frame: pd.DataFrame, split: pd.Series) -> None:
+        if self.output_dir is None:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        report = self.catalog.report
+        report.notes = [f"unseen labels in split {self.hparams.split!r}: {self.unseen_labels()}"] if self.unseen_labels() else []
+        report.save(self.output_dir / "data_report.json")
+        save_splits(frame, split, self.output_dir / "splits.csv")
+        self.vocabs.save(self.output_dir / "vocab.json")
+
+    def unseen_labels(self, split: str | None = None) -> dict[str, dict[str, int]]:
+        """Labels in ``split`` that the vocabulary never saw (evaluating a checkpoint on new data)."""
+        return self.vocabs.unseen_labels(self.frames[split or self.hparams.split])
+
+    # -- loaders --------------------------------------------------------------------------
+    def _loader(self, name: str, train: bool = False) -> DataLoader:
+        dataset = self.datasets[name]
+        workers = self.hparams.num_workers
+        batch = self.hparams.batch_size if train else (self.hparams.eval_batch_size or self.hparams.batch_size)
+        return DataLoader(
+            dataset,
+            batch_size=batch,
+            shuffle=train,
+            drop_last=train and len(dataset) > batch,
+            num_workers=workers,
+            pin_memory=self.hparams.pin_memory,
+            persistent_workers=self.hparams.persistent_workers and workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader("val") if len(self.datasets["val"]) else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.hparams.split)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.hparams.split)
+
+    @property
+    def predict_frame(self) -> pd.DataFrame:
+        """Catalog rows in the order the test/predict loaders yield them."""
+        return self.frames[self.hparams.split]
+
+    def image_loader(self) -> Callable[[int], np.ndarray]:
+        """``id -> native image`` for galleries and reports."""
+        rows = dict(zip(self.catalog.frame["id"].tolist(), self.catalog.frame["cache_row"].tolist()))
+        images = self.cache.open_images()
+        return lambda item_id: np.asarray(images[rows[int(item_id)]])

@@ -1,0 +1,68 @@
+"""A map-style dataset over the memory-mapped image cache (one row per product)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+class FashionDataset(Dataset):
+    """Yields the batch-contract dict: uint8 CHW image, label row, id, text.
+
+    The memmap is opened lazily in each worker process (an open memmap would be pickled
+    by value into every worker).
+    """
+
+    def __init__(
+        self,
+        images_path: str | Path,
+        cache_shape: tuple[int, int, int, int],
+        cache_rows: np.ndarray,
+        labels: np.ndarray,
+        ids: np.ndarray,
+        texts: list[str],
+        transform: Callable | None = None,
+    ) -> None:
+        if not len(cache_rows) == len(labels) == len(ids) == len(texts):
+            raise ValueError("cache_rows, labels, ids and texts must have equal length")
+        self.images_path = str(images_path)
+        self.cache_shape = tuple(cache_shape)
+        self.cache_rows = np.asarray(cache_rows, dtype=np.int64)
+        self.labels = torch.as_tensor(labels, dtype=torch.int64)
+        self.ids = torch.as_tensor(ids, dtype=torch.int64)
+        self.texts = list(texts)
+        self.transform = transform
+        self._images: np.memmap | None = None
+
+    def __len__(self) -> int:
+        return len(self.cache_rows)
+
+    @property
+    def images(self) -> np.memmap:
+        if self._images is None:
+            self._images = np.memmap(self.images_path, dtype=np.uint8, mode="r", shape=self.cache_shape)
+        return self._images
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_images"] = None
+        return state
+
+    def image(self, index: int) -> np.ndarray:
+        """The native HxWx3 uint8 image (no augmentation)."""
+        return np.array(self.images[self.cache_rows[index]])  # a copy: memmap pages are read-only
+
+    def __getitem__(self, index: int) -> dict:
+        img = self.image(index)
+        if self.transform is not None:
+            img = self.transform(image=img)["image"]
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
+            "labels": self.labels[index],
+            "id": self.ids[index],
+            "text": self.texts[index],
+        }

@@ -1,0 +1,63 @@
+"""Decoding any product or query image into the catalog's native geometry.
+
+Every image the framework touches (catalog files, user photos) goes through
+:func:`to_native`, so the model always sees the same kind of input: RGB uint8,
+``NATIVE_HW`` = 80x60 (h x w), aspect ratio kept by letterboxing on white
+(the catalog background) rather than stretching.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+NATIVE_HW: tuple[int, int] = (80, 60)
+PAD_VALUE = 255  # catalog photos sit on white; letterbox bars blend in
+
+
+class ImageDecodeError(ValueError):
+    """Raised when bytes are not a decodable image (with the reason)."""
+
+
+def open_image(data: bytes | str | Path) -> Image.Image:
+    """Open image bytes or a path as an RGB PIL image (any mode: RGBA, CMYK, P, L, I;16 ...)."""
+    try:
+        if isinstance(data, (str, Path)):
+            data = Path(data).read_bytes()
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageDecodeError(f"not a decodable image ({type(err).__name__}: {err})") from err
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (PAD_VALUE,) * 3 + (255,))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def letterbox(img: Image.Image, size_hw: tuple[int, int] = NATIVE_HW) -> np.ndarray:
+    """Resize keeping aspect ratio, then pad to ``size_hw``; returns HxWx3 uint8."""
+    h, w = size_hw
+    if img.size == (w, h):
+        return np.asarray(img, dtype=np.uint8)
+    scale = min(w / img.width, h / img.height)
+    new_w, new_h = max(1, round(img.width * scale)), max(1, round(img.height * scale))
+    if img.width > 4 * new_w:  # huge photos: cheap integer pre-shrink before the filtered resize
+        img.draft("RGB", (new_w * 2, new_h * 2))
+        img = img.reduce(max(1, img.width // (new_w * 2)))
+    resized = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    canvas = Image.new("RGB", (w, h), (PAD_VALUE,) * 3)
+    canvas.paste(resized, ((w - new_w) // 2, (h - new_h) // 2))
+    return np.asarray(canvas, dtype=np.uint8)
+
+
+def to_native(data: bytes | str | Path | Image.Image, size_hw: tuple[int, int] = NATIVE_HW) -> np.ndarray:
+    """Decode anything image-like to the native HxWx3 uint8 array (raises ImageDecodeError)."""
+    img = data if isinstance(data, Image.Image) else open_image(data)
+    if not isinstance(data, (bytes, str, Path)):
+        img = img.convert("RGB")
+    return letterbox(img, size_hw)

@@ -1,0 +1,24 @@
+"""Shared evaluation: retrieval metrics, figures and the EvaluationCallback used by every model family."""
+
+from fashion_lightning.evaluation.callback import EvaluationCallback, write_metrics_json
+from fashion_lightning.evaluation.plots import confusion_matrix_figure, pca_scatter_figure, save_figure
+from fashion_lightning.evaluation.retrieval import (
+    ItemRetrievalMetrics,
+    metric_keys,
+    nearest_neighbours,
+    retrieval_metrics,
+    retrieval_metrics_by_relevance,
+)
+
+__all__ = [
+    "EvaluationCallback",
+    "ItemRetrievalMetrics",
+    "confusion_matrix_figure",
+    "metric_keys",
+    "nearest_neighbours",
+    "pca_scatter_figure",
+    "retrieval_metrics",
+    "retrieval_metrics_by_relevance",
+    "save_figure",
+    "write_metrics_json",
+]

