@@ -32,6 +32,8 @@ TASKS = ("articleType", "baseColour", "gender", "masterCategory", "season", "sub
 OPTIONAL_TASKS = ("usage",)
 FILL_UNKNOWN = ("usage", "baseColour", "season")
 UNKNOWN = "Unknown"
+# what pandas' read_csv (the study's reader) treats as missing in this file: blanks and the literal NA
+MISSING_VALUES = ("", "NA", "N/A", "NaN", "nan", "null")
 _MAX_EXAMPLES = 20  # ids kept per reason in the report (counts are always complete)
 
 
@@ -116,7 +118,7 @@ def _int_or(value: str, default: int) -> int:
 
 def clean_styles(frame: pd.DataFrame, report: DataReport, exclude_master_categories: Iterable[str] = ()) -> pd.DataFrame:
     """Apply the study's cleaning rules, recording each by reason."""
-    frame = frame.replace({"": None})
+    frame = frame.replace({v: None for v in MISSING_VALUES})
     ids = pd.to_numeric(frame["id"], errors="coerce")
     report.drop("bad_id (not an integer)", frame.index[ids.isna()])
     frame = frame[ids.notna()].assign(id=ids[ids.notna()].astype("int64"))

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from fashion_lightning.data.catalog import TASKS, Catalog, load_catalog
 from fashion_lightning.data.class_weights import balanced_class_weights
-from fashion_lightning.data.dataset import FashionDataset
+from fashion_lightning.data.dataset import FashionDataset, seed_worker_transform
 from fashion_lightning.data.image_cache import ImageCache, attach_images, build_image_cache
 from fashion_lightning.data.images import NATIVE_HW
 from fashion_lightning.data.splits import SPLITS, load_splits, save_splits, stratified_split
@@ -124,6 +124,8 @@ class FashionDataModule(L.LightningDataModule):
             log.info("using the given vocabulary's tasks %s", self.vocabs.tasks)
             self.tasks = self.vocabs.tasks
         self.class_weights = self._class_weights(self.frames["train"])
+        if self.train_transform is not None and hasattr(self.train_transform, "set_random_seed"):
+            self.train_transform.set_random_seed(self.hparams.split_seed)  # reproducible with num_workers=0
         self.datasets = {name: self._dataset(f, train=name == "train") for name, f in self.frames.items()}
         self._write_reports(frame, split)
         sizes = ", ".join(f"{k}={len(v)}" for k, v in self.frames.items())
@@ -168,9 +170,7 @@ class FashionDataModule(L.LightningDataModule):
         if self.output_dir is None:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        report = self.catalog.report
-        report.notes = [f"unseen labels in split {self.hparams.split!r}: {self.unseen_labels()}"] if self.unseen_labels() else []
-        report.save(self.output_dir / "data_report.json")
+        self.catalog.report.save(self.output_dir / "data_report.json")
         save_splits(frame, split, self.output_dir / "splits.csv")
         self.vocabs.save(self.output_dir / "vocab.json")
 
@@ -191,6 +191,7 @@ class FashionDataModule(L.LightningDataModule):
             num_workers=workers,
             pin_memory=self.hparams.pin_memory,
             persistent_workers=self.hparams.persistent_workers and workers > 0,
+            worker_init_fn=seed_worker_transform if train and workers > 0 else None,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -10,6 +10,18 @@ import torch
 from torch.utils.data import Dataset
 
 
+def seed_worker_transform(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: give each worker's augmentation its own random stream.
+
+    Albumentations 2 transforms carry their own generators, which forked workers would
+    otherwise inherit in the same state (every worker drawing identical augmentations).
+    """
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None)
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(info.seed % 2**32)
+
+
 class FashionDataset(Dataset):
     """Yields the batch-contract dict: uint8 CHW image, label row, id, text.
 
@@ -32,8 +44,8 @@ class FashionDataset(Dataset):
         self.images_path = str(images_path)
         self.cache_shape = tuple(cache_shape)
         self.cache_rows = np.asarray(cache_rows, dtype=np.int64)
-        self.labels = torch.as_tensor(labels, dtype=torch.int64)
-        self.ids = torch.as_tensor(ids, dtype=torch.int64)
+        self.labels = torch.tensor(np.asarray(labels), dtype=torch.int64)  # copies: pandas 3 arrays are read-only
+        self.ids = torch.tensor(np.asarray(ids), dtype=torch.int64)
         self.texts = list(texts)
         self.transform = transform
         self._images: np.memmap | None = None

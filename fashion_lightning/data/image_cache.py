@@ -9,6 +9,7 @@ half-written cache that looks valid.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -138,8 +139,12 @@ def build_image_cache(
 
 
 def attach_images(catalog: Catalog, cache: ImageCache) -> Catalog:
-    """Drop rows whose image could not be decoded; add ``cache_row`` and ``image_sha1`` columns."""
+    """Drop rows whose image could not be decoded; add ``cache_row`` and ``image_sha1`` columns.
+
+    Returns a new Catalog with its own copy of the report (the input is left as it was).
+    """
     frame = catalog.frame
+    catalog = Catalog(catalog.source, frame, copy.deepcopy(catalog.report))
     bad = frame["id"].isin(list(cache.failures))
     for item_id in frame.loc[bad, "id"]:
         log.warning("image of id %s cannot be decoded: %s", item_id, cache.failures[int(item_id)])

@@ -98,7 +98,8 @@ class CatalogSource:
         return set(self.image_paths)
 
     def fingerprint(self) -> str:
-        """Identity of the source's content for cache keys (path, sizes, mtimes, image names)."""
+        """Identity of the source's content for cache keys: path, and size + mtime of the zip, or of
+        styles.csv and every image file of a folder (a replaced image gives a new key)."""
         h = hashlib.sha1(str(self.root).encode())
         if self.is_zip:
             st = self.root.stat()
@@ -107,7 +108,11 @@ class CatalogSource:
             st = (self.root / self.styles_path).stat()
             h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
         for item_id in sorted(self.image_paths):
-            h.update(f"{item_id}:{self.image_paths[item_id]};".encode())
+            name = self.image_paths[item_id]
+            h.update(f"{item_id}:{name};".encode())
+            if not self.is_zip:
+                st = (self.root / name).stat()
+                h.update(f"{st.st_size}:{st.st_mtime_ns};".encode())
         return h.hexdigest()[:16]
 
     def __repr__(self) -> str:

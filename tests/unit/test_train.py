@@ -8,42 +8,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
 from fashion_lightning.eval import evaluate
 from fashion_lightning.models.base import load_module
 from fashion_lightning.train import train
+from hydra_helpers import QUIET, make_cfg
 
 TINY = [
     "model.net.backbone=test_resnet",
     "model.net.input_size=[40,32]",
     "model.optimizer.lr=0.01",
     "model.optimizer.backbone_lr_ratio=1.0",
-    "data.num_workers=0",
     "data.batch_size=32",
     "data.train_transform=null",
-    "logger=csv",
-    "callbacks.rich_progress_bar=null",
-    "callbacks.model_summary=null",
-    "callbacks.early_stopping=null",
     "callbacks.evaluation.plot_every_n_val_epochs=100",
-    "+trainer.enable_progress_bar=false",
+    *QUIET,
 ]
-
-
-def make_cfg(config_name: str, run_dir: Path, cache_dir: Path, overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_module("fashion_lightning.conf", version_base="1.3"):
-        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(run_dir)
-        cfg.paths.cache_dir = str(cache_dir)
-        del cfg.hydra  # as inside a Hydra app: the job config has no hydra node
-    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +83,6 @@ def test_resume_continues_at_same_step_with_same_optimizer_state(trained_run):
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
     seen = {}
 
-    class Probe(torch.nn.Module):
-        pass
-
     import lightning as L
 
     class CaptureResume(L.Callback):
@@ -118,6 +95,8 @@ def test_resume_continues_at_same_step_with_same_optimizer_state(trained_run):
 
     cfg2 = make_cfg("train", root / "resumed", root / "cache", TINY + ["data.num_items=360", "trainer.max_epochs=7",
                                                                          f"ckpt_path={ckpt}", "test=false"])
+    from omegaconf import open_dict
+
     with open_dict(cfg2):
         cfg2.callbacks.capture = {"_target_": f"{__name__}.CaptureResumeFactory"}
     global CaptureResumeFactory

@@ -1,0 +1,117 @@
+"""Fetch the Kaggle dataset with kagglehub and check that it loads as a catalog.
+
+``kagglehub`` downloads into its own cache (``~/.cache/kagglehub``; ``KAGGLEHUB_CACHE`` moves
+it). With ``target_dir`` the files are then copied (or symlinked) into a data folder of your
+choice. Either way the result is validated with :class:`CatalogSource` (styles.csv next to
+images/), and the path to pass as ``data.root`` is returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from fashion_lightning.data.source import CatalogNotFoundError, CatalogSource
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HANDLE = "paramaggarwal/fashion-product-images-small"
+MODES = ("copy", "link")
+
+
+class DownloadError(RuntimeError):
+    """kagglehub could not fetch the dataset (no network, no credentials, unknown handle ...)."""
+
+
+def _kagglehub_download(handle: str, force: bool) -> Path:
+    try:
+        import kagglehub
+    except ImportError as err:  # pragma: no cover - kagglehub is a dependency
+        raise DownloadError("kagglehub is not installed: pip install kagglehub") from err
+    try:
+        return Path(kagglehub.dataset_download(handle, force_download=force))
+    except Exception as err:  # kagglehub raises requests, HTTP and credential errors alike
+        raise DownloadError(
+            f"kagglehub could not download {handle!r} ({type(err).__name__}: {err}).\n"
+            "Check that this machine reaches kaggle.com and that Kaggle credentials are set "
+            "(~/.kaggle/kaggle.json, or KAGGLE_USERNAME and KAGGLE_KEY, or kagglehub.login()). "
+            f"Alternatively download the archive from https://www.kaggle.com/datasets/{handle} "
+            "and use it as is: data=kaggle data.root=/path/to/archive.zip"
+        ) from err
+
+
+def validate_catalog(path: str | Path) -> CatalogSource:
+    """The path as a catalog source, or a :class:`CatalogNotFoundError` saying what is wrong."""
+    try:
+        source = CatalogSource(path)
+    except CatalogNotFoundError as err:
+        raise CatalogNotFoundError(f"the download at {path} is not a Kaggle-layout catalog: {err}") from err
+    if not source.image_ids:
+        raise CatalogNotFoundError(f"the download at {path} has {source.styles_path} but no images/<id>.jpg files")
+    return source
+
+
+def _place(src: Path, target: Path, mode: str) -> Path:
+    """Copy (atomically: temp sibling + rename) or symlink ``src`` to ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_symlink() or target.exists():
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        else:
+            shutil.rmtree(target)
+    if mode == "link":
+        target.symlink_to(src.resolve(), target_is_directory=src.is_dir())
+        return target
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        if src.is_dir():
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
+        else:
+            shutil.copy2(src, tmp / src.name)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def download_dataset(
+    handle: str = DEFAULT_HANDLE, target_dir: str | Path | None = None, force: bool = False, mode: str = "copy"
+) -> Path:
+    """Download ``handle`` with kagglehub; optionally copy/link it to ``target_dir``; return the ``data.root``.
+
+    An existing valid catalog in ``target_dir`` is kept (no download) unless ``force``.
+    Raises :class:`DownloadError` when kagglehub fails, :class:`CatalogNotFoundError` when
+    the files are not a Kaggle-layout catalog.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    target = Path(target_dir).expanduser().absolute() if target_dir else None
+    if target is not None and target.exists() and not force:
+        try:
+            source = validate_catalog(target)
+        except CatalogNotFoundError:
+            if target.is_dir() and any(target.iterdir()):
+                raise FileExistsError(
+                    f"{target} exists, is not empty and holds no catalog; choose another target_dir or force=true"
+                ) from None
+        else:
+            log.info("%s already holds the catalog (%d images); force=true downloads again", target, len(source.image_ids))
+            return target
+    log.info("downloading %s with kagglehub ...", handle)
+    path = _kagglehub_download(handle, force)
+    validate_catalog(path)
+    if target is not None:
+        log.info("%s %s -> %s", "linking" if mode == "link" else "copying", path, target)
+        path = _place(path, target, mode)
+    source = validate_catalog(path)
+    log.info("catalog ready: %s (%d images, styles at %s)", path, len(source.image_ids), source.styles_path)
+    return path
+
+
+def next_commands(root: str | Path) -> list[str]:
+    """What to run with the downloaded catalog."""
+    return [f"fashion-eda data=kaggle data.root={root}", f"fashion-train data=kaggle data.root={root}"]

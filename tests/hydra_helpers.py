@@ -1,0 +1,33 @@
+"""Compose the apps' Hydra configs inside tests, as the console scripts would."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+# quiet, single-process training settings for tests
+QUIET = [
+    "data.num_workers=0",
+    "logger=csv",
+    "callbacks.rich_progress_bar=null",
+    "callbacks.model_summary=null",
+    "callbacks.early_stopping=null",
+    "+trainer.enable_progress_bar=false",
+]
+
+
+def make_cfg(config_name: str, run_dir: Path, cache_dir: Path, overrides: list[str]) -> DictConfig:
+    """The job config of ``config_name`` with overrides, writing into ``run_dir``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_module("fashion_lightning.conf", version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
+        cfg.paths.cache_dir = str(cache_dir)
+        del cfg.hydra  # as inside a Hydra app: the job config has no hydra node
+    return cfg
