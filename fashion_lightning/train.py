@@ -29,7 +29,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    if cfg.train and getattr(model, "requires_training", True):
+    trains = cfg.train and getattr(model, "requires_training", True)
+    if trains:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.test:
@@ -38,6 +39,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             log.info("no best checkpoint (not trained, or no checkpoint callback): testing the current weights")
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+        if not trains:  # e.g. a frozen CLIP model: keep a checkpoint for fashion-eval / fashion-index
+            frozen = f"{cfg.paths.output_dir}/checkpoints/frozen.ckpt"
+            trainer.save_checkpoint(frozen)
+            metrics["best_checkpoint"] = frozen
     if trainer.is_global_zero:
         if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path:
             metrics["best_checkpoint"] = trainer.checkpoint_callback.best_model_path

@@ -11,6 +11,7 @@ steps after the same warm-up; the difference is Lightning's loop, logging and ca
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import time
 
@@ -38,9 +39,9 @@ class StepTimer(L.Callback):
         self.warmup, self.start, self.end, self.images = warmup, 0.0, 0.0, 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if batch_idx == self.warmup:
+        if trainer.global_step == self.warmup:  # global: batch_idx restarts every epoch
             self.start = time.perf_counter()
-        if batch_idx >= self.warmup:
+        if trainer.global_step >= self.warmup:
             self.images += len(batch["id"])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -64,7 +65,9 @@ def bare_loop(dm: FashionDataModule, args) -> float:
     module.train()
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3, weight_decay=0.01)
     images, start = 0, 0.0
-    for step, batch in enumerate(dm.train_dataloader()):
+    loader = dm.train_dataloader()
+    batches = (batch for _ in itertools.count() for batch in loader)  # epochs back to back, like max_steps
+    for step, batch in enumerate(batches):
         if step == args.warmup:
             start = time.perf_counter()
         if step >= args.warmup:

@@ -164,7 +164,10 @@ def kagl_benchmark(
     Also ``kagl/category/mean/{p@k,mrr}`` over the fields that were evaluated.
     """
     ks = tuple(ks)
-    out = {f"kagl/text_to_image/{k}": v for k, v in text_to_image(texts, text_emb, image_emb, ks, max_queries, seed).items()}
+    out = {
+        f"kagl/text_to_image/{k}": v
+        for k, v in text_to_image(texts, text_emb, image_emb, ks, max_queries, seed).items()
+    }
     docs = product_documents(image_emb, text_emb)
     per_field: dict[str, dict[str, float]] = {}
     for field in fields:

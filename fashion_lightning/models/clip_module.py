@@ -1,0 +1,367 @@
+"""ClipFusionModule: the thin LightningModule around :class:`ClipFusionNet`.
+
+Two modes (the study's "CLIP recommender", made trainable):
+
+* ``frozen``: the pretrained dual encoder as is. Without attribute heads there is nothing
+  to fit (``requires_training`` is False: the train app only tests); with heads it is a
+  linear probe on the frozen image embedding.
+* ``finetune``: open_clip's contrastive ``ClipLoss`` between each image and its
+  productDisplayName (learnable temperature, lock / unlock options on the net), plus,
+  with ``heads=True``, the class-weighted multi-task loss on linear heads over the image
+  embedding (the study's "CLIP multi-task model").
+
+Evaluation returns the shared protocol dict. Items are embedded as
+``fuse(image, text, alpha)``; per-task logits come from the heads or, without heads, from
+zero-shot prompts (one text embedding per class, cached per epoch). ``extra_metrics``
+adds zero-shot accuracy per task and Marqo's KAGL retrieval benchmark.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from fashion_lightning.data.vocab import LabelVocabs
+from fashion_lightning.models.base import FashionModule, as_vocabs
+from fashion_lightning.models.clip import ClipFusionNet, fuse
+from fashion_lightning.models.losses import IGNORE_INDEX, MultiTaskLoss
+from fashion_lightning.models.optim import adamw_warmup_cosine
+from fashion_lightning.models.preprocess import DeviceInput
+
+MODES = ("frozen", "finetune")
+DEFAULT_OPTIMIZER = {
+    "lr": 1e-5,  # pretrained towers: gentle, as in CLIP fine-tuning
+    "new_lr": 1e-3,  # parameters without pretrained weights (projections the config adds, heads)
+    "weight_decay": 0.1,
+    "warmup_ratio": 0.05,
+    "min_lr_ratio": 0.0,
+}
+MAX_LOGIT_SCALE = 4.6052  # ln(100), open_clip's clamp
+TEXT_BATCH = 256
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def _no_decay(name: str, param: nn.Parameter) -> bool:
+    """open_clip's rule: no weight decay on gains, biases, norms and the temperature."""
+    return (
+        param.ndim < 2
+        or "bn" in name
+        or "ln" in name
+        or "norm" in name.lower()
+        or "bias" in name
+        or "logit_scale" in name
+    )
+
+
+class ClipFusionModule(FashionModule):
+    """See module doc. ``net`` is a config (``_target_`` + kwargs, kept in the checkpoint) or a module."""
+
+    def __init__(
+        self,
+        net: Mapping[str, Any] | nn.Module,
+        vocabs: LabelVocabs | Mapping[str, list[str]],
+        class_weights: Mapping[str, torch.Tensor] | None = None,
+        mode: str = "finetune",
+        alpha: float = 0.7,
+        heads: bool = False,
+        task_weights: Mapping[str, float] | None = None,
+        label_smoothing: float = 0.0,
+        contrastive_weight: float = 1.0,
+        optimizer: Mapping[str, float] | None = None,
+        zero_shot_prompt: str | Mapping[str, str] = "a photo of a {label}",
+        kagl: bool = True,
+        kagl_max_queries: int | None = 2000,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not 0.0 <= float(alpha) <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        self.vocabs = as_vocabs(vocabs)
+        net_cfg = _plain(net)
+        self.save_hyperparameters(ignore=["net", "class_weights", "vocabs"])
+        # what a checkpoint needs to rebuild the net without the training config
+        self.hparams["net"] = None if isinstance(net, nn.Module) else net_cfg
+        self.hparams["vocabs"] = self.vocabs.to_dict()
+        for key, value in list(self.hparams.items()):  # plain containers: weights_only checkpoint loading
+            self.hparams[key] = _plain(value)
+        self.net: ClipFusionNet = net if isinstance(net, nn.Module) else instantiate(net_cfg)
+        self.preprocess = DeviceInput(
+            input_size=self.net.image_size,
+            mean=self.net.image_mean,
+            std=self.net.image_std,
+            channels_last=channels_last,
+        )
+        if mode == "frozen":
+            self.net.requires_grad_(False)
+            self.net.eval()
+        self.heads = nn.ModuleDict(
+            {t: nn.Linear(self.net.embed_dim, n) for t, n in self.vocabs.num_classes.items()} if heads else {}
+        )
+        weights = dict(class_weights or {})
+        for task, n in self.vocabs.num_classes.items():
+            weights.setdefault(task, torch.ones(n))  # buffers always exist, so checkpoints load strictly
+        self.task_loss = MultiTaskLoss(self.vocabs.tasks, task_weights, weights, label_smoothing) if heads else None
+        self.optimizer_cfg = {**DEFAULT_OPTIMIZER, **dict(optimizer or {})}
+        self.clip_loss: nn.Module | None = None
+        self._class_text: dict[str, torch.Tensor] | None = None
+        self._text_cache: dict[str, torch.Tensor] = {}  # locked text tower only (see _train_text_embedding)
+        self._new_param_names = self._parameters_without_pretraining()
+
+    # --- configuration -----------------------------------------------------------------------
+    @classmethod
+    def inference_overrides(cls, hparams: Mapping[str, Any]) -> dict[str, Any]:
+        """Rebuild the net without pretrained weights: the checkpoint's state dict fills it."""
+        net = hparams.get("net")
+        return {"net": {**net, "pretrained": None}} if net else {}
+
+    @property
+    def requires_training(self) -> bool:
+        """False for a frozen net without heads: nothing to fit, the train app only tests."""
+        return self.hparams.mode == "finetune" or bool(self.hparams.heads)
+
+    @property
+    def embedding_name(self) -> str:  # type: ignore[override]
+        return f"clip_fused(alpha={self.hparams.alpha:g})"
+
+    def prompt_template(self, task: str) -> str:
+        prompts = self.hparams.zero_shot_prompt
+        if isinstance(prompts, Mapping):
+            return str(prompts.get(task, prompts.get("default", "a photo of a {label}")))
+        return str(prompts)
+
+    def _parameters_without_pretraining(self) -> set[str]:
+        """Names of net parameters that start random (the image projection a timm tower gets, ...)."""
+        names = set()
+        visual_head = getattr(self.net.visual, "head", None)
+        if self.net.shipped and visual_head is not None and hasattr(self.net.visual, "trunk"):
+            names |= {f"net.model.visual.head.{n}" for n, _ in visual_head.named_parameters()}
+        text_proj = getattr(getattr(self.net.model, "text", None), "proj", None)
+        if self.net.shipped and text_proj is not None and hasattr(self.net.model.text, "transformer"):
+            names |= {f"net.model.text.proj.{n}" for n, _ in text_proj.named_parameters()}
+        return names
+
+    def setup(self, stage: str) -> None:
+        self.clip_loss = None  # rebuilt for this trainer's world size
+
+    def _contrastive(self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """open_clip's symmetric InfoNCE; under DDP it gathers every rank's negatives (with grad)."""
+        if self.clip_loss is None:
+            from open_clip.loss import ClipLoss
+
+            trainer = getattr(self, "_trainer", None)
+            world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+            self.clip_loss = ClipLoss(gather_with_grad=world > 1, cache_labels=True, rank=rank, world_size=world)
+        return self.clip_loss(image, text, scale)
+
+    # --- encoders ----------------------------------------------------------------------------
+    def _image_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net.encode_image(self.preprocess(images.to(self.device)))
+
+    def _text_embedding(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.net.encode_text(self.net.tokenize(texts).to(self.device))
+
+    @torch.no_grad()
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[B,3,h,w]`` -> image-only L2-normalised embeddings (photo queries, KAGL documents)."""
+        return self._image_embedding(images).float()
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Texts -> L2-normalised embeddings in the same space (batched)."""
+        texts = [str(t) for t in texts]
+        parts = [self._text_embedding(texts[i : i + TEXT_BATCH]).float() for i in range(0, len(texts), TEXT_BATCH)]
+        return torch.cat(parts) if parts else torch.empty(0, self.net.embed_dim, device=self.device)
+
+    @torch.no_grad()
+    def embed_items(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Catalog items: fused embedding plus both parts (image only when a batch has no text)."""
+        image = self.embed_images(batch["image"])
+        if "text" not in batch:
+            return {"embedding": image, "image_embedding": image}
+        text = self.embed_texts(batch["text"])
+        return {"embedding": fuse(image, text, self.hparams.alpha), "image_embedding": image, "text_embedding": text}
+
+    def class_text_embeddings(self) -> dict[str, torch.Tensor]:
+        """Per task, the normalised prompt embedding of every class (cached until the weights change)."""
+        if self._class_text is None:
+            self._class_text = {
+                task: self.embed_texts([self.prompt_template(task).format(label=c) for c in vocab.classes])
+                for task, vocab in self.vocabs.items()
+            }
+        return self._class_text
+
+    def zero_shot_logits(self, image_embedding: torch.Tensor) -> dict[str, torch.Tensor]:
+        scale = self.net.logit_scale.exp().clamp(max=100.0).detach()
+        return {
+            task: scale * image_embedding.to(emb.device).float() @ emb.T
+            for task, emb in self.class_text_embeddings().items()
+        }
+
+    @torch.no_grad()
+    def image_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Heads when trained with them, else zero-shot prompts."""
+        embedding = self.embed_images(images)
+        return self._head_logits(embedding) if self.heads else self.zero_shot_logits(embedding)
+
+    def _head_logits(self, image_embedding: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {task: head(image_embedding) for task, head in self.heads.items()}
+
+    # --- training ------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> ClipFusionModule:
+        """A frozen net stays in eval mode (no BN statistics updates, no dropout) while heads train."""
+        super().train(mode)
+        if self.hparams.mode == "frozen":
+            self.net.eval()
+        return self
+
+    def on_fit_start(self) -> None:
+        # locked towers are in eval mode on purpose (see ClipFusionNet.train); Lightning warns about it
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+
+    def on_train_start(self) -> None:
+        self.train()  # Lightning keeps modules' modes as found; apply the frozen-part rules above
+        self._text_cache.clear()
+
+    def on_train_epoch_start(self) -> None:
+        self._class_text = None
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        if not self.requires_training:
+            raise RuntimeError("a frozen ClipFusionModule without heads has nothing to train; run test only")
+        bs = len(batch["id"])
+        finetune = self.hparams.mode == "finetune"
+        with torch.set_grad_enabled(finetune):
+            image = self._image_embedding(batch["image"])
+        total = image.new_zeros(())
+        if finetune and self.hparams.contrastive_weight > 0:
+            text = self._train_text_embedding(batch["text"])
+            scale = self.net.logit_scale.exp().clamp(max=100.0)
+            contrastive = self._contrastive(image, text, scale)
+            total = total + self.hparams.contrastive_weight * contrastive
+            self.log("train/loss/contrastive", contrastive, batch_size=bs)
+            self.log("train/logit_scale", scale.detach(), batch_size=bs)
+        if self.heads:
+            losses = self.task_loss(self._head_logits(image.detach() if not finetune else image), batch["labels"])
+            total = total + losses["loss"]
+            self.log_dict({f"train/loss/{t}": losses[t] for t in self.heads}, batch_size=bs)
+        self.log("train/loss", total, prog_bar=True, batch_size=bs)
+        return total
+
+    def _train_text_embedding(self, texts: Sequence[str]) -> torch.Tensor:
+        """Text embeddings for the loss; a fully locked text tower is a fixed function, so its
+        outputs are cached per string and every text is encoded once per run (LiT-style)."""
+        if not self.net.text_frozen:
+            return self._text_embedding(texts)
+        missing = sorted({str(t) for t in texts} - self._text_cache.keys())
+        if missing:
+            with torch.no_grad():
+                for text, emb in zip(missing, self._text_embedding(missing)):
+                    self._text_cache[text] = emb
+        return torch.stack([self._text_cache[str(t)] for t in texts])
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        with torch.no_grad():  # open_clip clamps the temperature after each step
+            self.net.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+    # --- evaluation ----------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._class_text = None
+
+    def on_test_epoch_start(self) -> None:
+        self._class_text = None
+
+    def _eval_step(self, batch: Mapping[str, Any], stage: str) -> dict[str, Any]:
+        image = self._image_embedding(batch["image"]).float()
+        text = self._text_embedding(batch["text"]).float()
+        bs = len(batch["id"])
+        scale = self.net.logit_scale.exp().clamp(max=100.0)
+        loss = self._contrastive(image, text, scale) if len(image) > 1 else image.new_zeros(())
+        logits = self._head_logits(image) if self.heads else self.zero_shot_logits(image)
+        if self.heads:
+            loss = loss + self.task_loss(logits, batch["labels"])["loss"]
+        if self._inside_loop():
+            self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
+        return {
+            "labels": batch["labels"],
+            "id": batch["id"],
+            "logits": logits,
+            "embedding": fuse(image, text, self.hparams.alpha),
+            "image_embedding": image,
+            "text_embedding": text,
+            "text": list(batch["text"]),
+        }
+
+    def _inside_loop(self) -> bool:
+        """True while a Trainer loop runs (steps may also be called directly, e.g. by scripts)."""
+        trainer = getattr(self, "_trainer", None)
+        return trainer is not None and getattr(trainer, "_results", None) is not None
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, "test")
+
+    def extra_metrics(self, stage: str, outputs: Mapping[str, Any]) -> dict[str, float]:
+        """Zero-shot accuracy per task (``zeroshot/acc/{task}``) and the KAGL benchmark (``kagl/...``)."""
+        from fashion_lightning.evaluation.kagl import kagl_benchmark
+
+        metrics: dict[str, float] = {}
+        labels = outputs["labels"].long().cpu()
+        image = outputs["image_embedding"].float()
+        zero_shot = {t: v.cpu() for t, v in self.zero_shot_logits(image.to(self.device)).items()}
+        for column, task in enumerate(self.vocabs.tasks):
+            target = labels[:, column]
+            known = target != IGNORE_INDEX
+            if bool(known.any()):
+                hit = zero_shot[task].argmax(dim=1)[known] == target[known]
+                metrics[f"zeroshot/acc/{task}"] = float(hit.float().mean())
+        if self.hparams.kagl and "text_embedding" in outputs and "text" in outputs:
+            attributes = {
+                task: [self.vocabs.decode(task, int(i)) for i in labels[:, column].tolist()]
+                for column, task in enumerate(self.vocabs.tasks)
+            }
+            metrics |= kagl_benchmark(
+                image,
+                outputs["text_embedding"].float(),
+                outputs["text"],
+                attributes,
+                lambda texts: self.embed_texts(texts).cpu(),
+                max_queries=self.hparams.kagl_max_queries,
+            )
+        return metrics
+
+    # --- optimisation --------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict:
+        cfg = self.optimizer_cfg
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            new = name.startswith("heads.") or name in self._new_param_names or "logit_scale" in name
+            groups.setdefault((new, _no_decay(name, param)), []).append(param)
+        if not groups:
+            raise RuntimeError("no trainable parameters: mode='frozen' without heads needs no optimiser")
+        param_groups = [
+            {
+                "params": params,
+                "lr": cfg["new_lr"] if new else cfg["lr"],
+                "weight_decay": 0.0 if no_decay else cfg["weight_decay"],
+            }
+            for (new, no_decay), params in groups.items()
+        ]
+        return adamw_warmup_cosine(
+            param_groups, total_steps=self.trainer.estimated_stepping_batches, lr=cfg["lr"],
+            weight_decay=cfg["weight_decay"], warmup_ratio=cfg["warmup_ratio"], min_lr_ratio=cfg["min_lr_ratio"],
+        )  # fmt: skip

