@@ -77,7 +77,9 @@ class MultiTaskModule(FashionModule):
             self._feature_cache.clear()
 
     def _features(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        if not (self.training and self.backbone_frozen):
+        """Pooled features; while the backbone is frozen they are computed once per item id
+        (train items from their first-epoch view, val/test items unaugmented)."""
+        if not self.backbone_frozen:
             return self.net.features(batch["image"])
         if not self.hparams.cache_frozen_features:
             return self._frozen_features(batch["image"])
