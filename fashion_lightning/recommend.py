@@ -1,0 +1,58 @@
+"""fashion-recommend: answer one query (photo, text, item, history) from an index folder.
+
+Prints a table, and writes ``recommendations.json`` and ``gallery.png`` into the run dir.
+A bad query or a damaged index ends with a one-line error and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from fashion_lightning.data.images import to_native
+from fashion_lightning.data.source import CatalogNotFoundError, CatalogSource
+from fashion_lightning.retrieval import RecommendationResult, Recommender, RetrievalError
+from fashion_lightning.retrieval.gallery import render_gallery, results_table
+from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
+
+
+def recommend(cfg: DictConfig) -> RecommendationResult:
+    recommender = Recommender.from_dir(cfg.index_dir)
+    query = OmegaConf.to_container(cfg.query, resolve=True)
+    filters = {k: v for k, v in OmegaConf.to_container(cfg.filters, resolve=True).items() if v is not None}
+    result = recommender.recommend(
+        image=query["image"], text=query["text"], item_id=query["item_id"], history=query["history"],
+        disliked=query["disliked"], half_life=query["half_life"], k=cfg.k, filters=filters,
+    )  # fmt: skip
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result.save(out / "recommendations.json")
+    Console().print(results_table(result))
+    if cfg.gallery:
+        root = cfg.catalog_root or recommender.index.model_info.get("catalog")
+        source = CatalogSource(root)
+        images = query["image"]
+        render_gallery(
+            result, out / "gallery.png", lambda item_id: to_native(source.image_bytes(item_id)),
+            query_images=[images] if isinstance(images, str) else images, query_text=query["text"],
+        )  # fmt: skip
+    log.info("recommendations.json%s written to %s", " and gallery.png" if cfg.gallery else "", out)
+    return result
+
+
+@hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="recommend")
+def main(cfg: DictConfig) -> None:
+    quiet_runtime()
+    try:
+        recommend(cfg)
+    except (RetrievalError, CatalogNotFoundError, FileNotFoundError) as err:
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]fashion-recommend:[/bold red] {err}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

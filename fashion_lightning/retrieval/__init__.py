@@ -1,0 +1,49 @@
+"""Retrieval: FAISS index folders, recommendations with explanations, galleries.
+
+Typical use::
+
+    build_index(embeddings, catalog_frame, out_dir, model_info)      # or IndexWriter for streaming
+    rec = Recommender.from_dir(out_dir)                               # verifies the folder
+    result = rec.recommend(item_id=15970, k=5, filters={"gender": "Men"})
+    render_gallery(result, "gallery.png", image_loader)
+"""
+
+from fashion_lightning.retrieval.explain import Explanation
+from fashion_lightning.retrieval.index import (
+    IndexIntegrityError,
+    IndexManifest,
+    IndexParams,
+    IndexWriter,
+    LoadedIndex,
+    RetrievalError,
+    build_index,
+    configure_threads,
+    load_index,
+)
+from fashion_lightning.retrieval.recommender import (
+    FILTER_FIELDS,
+    Encoder,
+    QueryError,
+    Recommendation,
+    RecommendationResult,
+    Recommender,
+)
+
+__all__ = [
+    "FILTER_FIELDS",
+    "Encoder",
+    "Explanation",
+    "IndexIntegrityError",
+    "IndexManifest",
+    "IndexParams",
+    "IndexWriter",
+    "LoadedIndex",
+    "QueryError",
+    "Recommendation",
+    "RecommendationResult",
+    "Recommender",
+    "RetrievalError",
+    "build_index",
+    "configure_threads",
+    "load_index",
+]

@@ -1,0 +1,497 @@
+"""Recommendations from an index folder: by photo(s), text, catalog item, or a user's history.
+
+Every query becomes one unit vector, then the same search runs: filters and exclusions become a row
+mask, :meth:`LoadedIndex.search_filtered` returns the exact filtered top-k with one row per image
+(byte-identical product photos count once), and each result gets an :class:`Explanation`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, Union, runtime_checkable
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from fashion_lightning.data.images import PAD_VALUE, ImageDecodeError, to_native
+from fashion_lightning.retrieval import explain
+from fashion_lightning.retrieval.index import LoadedIndex, RetrievalError, load_index
+
+if TYPE_CHECKING:
+    import torch
+
+FILTER_FIELDS = ("gender", "masterCategory", "subCategory", "articleType", "baseColour")
+ImageLike = Union[str, Path, bytes, np.ndarray, Image.Image]
+
+
+class QueryError(RetrievalError, ValueError):
+    """The query cannot be answered as asked (unknown id, bad filter, unreadable photo, ...)."""
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """What the recommender needs from a model (both model families implement it)."""
+
+    embedding_name: str
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, H, W] -> L2-normalised [B, D]."""
+
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        """[B] strings -> [B, D]; raises NotImplementedError without a text tower."""
+
+    def predict_attributes(self, images: torch.Tensor) -> dict[str, list[str]]:
+        """uint8 [B, 3, H, W] -> {task: [B] labels}; {} without heads."""
+
+
+@dataclass
+class Recommendation:
+    rank: int
+    id: int
+    score: float
+    metadata: dict[str, Any]
+    explanation: explain.Explanation
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**{k: getattr(self, k) for k in ("rank", "id", "score", "metadata")},
+                "explanation": self.explanation.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Recommendation:
+        return cls(**{**data, "explanation": explain.Explanation.from_dict(data["explanation"])})
+
+
+@dataclass
+class RecommendationResult:
+    query: dict[str, Any]  # {"kind": "image" | "text" | "item" | "history", what was asked, "k", "filters"}
+    results: list[Recommendation]
+    timings: dict[str, float] = field(default_factory=dict)  # milliseconds
+
+    @property
+    def ids(self) -> list[int]:
+        return [r.id for r in self.results]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"query": self.query, "results": [r.to_dict() for r in self.results], "timings": self.timings}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RecommendationResult:
+        return cls(data["query"], [Recommendation.from_dict(r) for r in data["results"]], dict(data["timings"]))
+
+    @classmethod
+    def from_json(cls, text: str) -> RecommendationResult:
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.to_json() + "\n", encoding="utf-8")
+        return path
+
+
+class Recommender:
+    """Answers queries against one :class:`LoadedIndex`.
+
+    ``encoder`` embeds photos and text; when absent it is loaded on first need from the checkpoint the
+    manifest names (item and history queries never need it), or by ``encoder_loader``.
+    """
+
+    def __init__(
+        self,
+        index: LoadedIndex,
+        encoder: Encoder | None = None,
+        encoder_loader: Callable[[], Encoder] | None = None,
+    ) -> None:
+        self.index = index
+        self._encoder = encoder
+        self._encoder_loader = encoder_loader or _checkpoint_loader(index.model_info)
+        self.groups = _duplicate_groups(index.items)
+        self._values: dict[str, dict[str, str]] = {}
+
+    @classmethod
+    def from_dir(
+        cls,
+        path: str | Path,
+        encoder: Encoder | None = None,
+        encoder_loader: Callable[[], Encoder] | None = None,
+        verify: bool = True,
+    ) -> Recommender:
+        return cls(load_index(path, verify=verify), encoder, encoder_loader)
+
+    @property
+    def encoder(self) -> Encoder:
+        if self._encoder is None:
+            if self._encoder_loader is None:
+                raise QueryError(
+                    "photo and text queries need the model that built the index, but its manifest names no "
+                    "checkpoint; pass encoder= (or encoder_loader=) to Recommender"
+                )
+            self._encoder = self._encoder_loader()
+        return self._encoder
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def recommend(
+        self,
+        *,
+        image: ImageLike | Sequence[ImageLike] | None = None,
+        text: str | None = None,
+        item_id: int | None = None,
+        history: Sequence[int] | None = None,
+        disliked: Sequence[int] | None = None,
+        weights: Sequence[float] | None = None,
+        half_life: float | None = None,
+        k: int = 10,
+        filters: Mapping[str, Any] | None = None,
+    ) -> RecommendationResult:
+        """Dispatch on whichever one of image / text / item_id / history is given (CLI-friendly)."""
+        asked = {"image": image, "text": text, "item_id": item_id, "history": history}
+        given = [name for name, value in asked.items() if _is_given(value)]
+        if len(given) != 1:
+            raise QueryError(f"give exactly one of image, text, item_id, history (got {given or 'none'})")
+        if disliked and given[0] != "history":
+            raise QueryError("disliked ids only go with a history query")
+        if given[0] == "image":
+            return self.by_images(image, k, filters)
+        if given[0] == "text":
+            return self.by_text(text, k, filters)
+        if given[0] == "item_id":
+            return self.by_item(item_id, k, filters)
+        return self.by_history(history, k, filters, disliked=disliked or (), weights=weights, half_life=half_life)
+
+    def by_images(
+        self, images: ImageLike | Sequence[ImageLike], k: int = 10, filters: Mapping[str, Any] | None = None
+    ) -> RecommendationResult:
+        """Products like the photo(s); several photos are averaged into one query."""
+        start = time.perf_counter()
+        if isinstance(images, (str, Path, bytes, np.ndarray, Image.Image)):
+            images = [images]
+        if len(images) == 0:
+            raise QueryError("no query image given")
+        natives, digests, labels = zip(*(decode_query_image(image, i) for i, image in enumerate(images)))
+        batch = _to_tensor(np.stack(natives), self.encoder)
+        vectors = self._checked(_infer(self.encoder.embed_images, batch), "image")
+        query = _unit(vectors.mean(axis=0), "the query photos' embeddings cancel out")
+        try:
+            predictions = _infer(self.encoder.predict_attributes, batch) or {}
+        except NotImplementedError:
+            predictions = {}
+        attributes = explain.attributes_of_predictions(predictions)
+        sha1s = {d for d in digests if d}
+        exclude = []
+        if sha1s and "image_sha1" in self.index.items.columns:
+            exclude = np.flatnonzero(self.index.items["image_sha1"].isin(sha1s).to_numpy())
+        encode_ms = _ms(start)
+        return self._run(
+            query, k, filters, exclude,
+            {"kind": "image", "images": list(labels), "predicted": {t: list(v) for t, v in predictions.items()}},
+            lambda item: explain.explain_attributes(attributes, item, "predicted"),
+            {"encode_ms": encode_ms}, start,
+        )
+
+    def by_text(self, text: str, k: int = 10, filters: Mapping[str, Any] | None = None) -> RecommendationResult:
+        """Products matching a description (needs a model with a text tower, i.e. a CLIP index)."""
+        start = time.perf_counter()
+        if not isinstance(text, str) or not text.strip():
+            raise QueryError("the text query is empty")
+        try:
+            embedded = _infer(self.encoder.embed_texts, [text])
+        except (NotImplementedError, AttributeError) as err:
+            name = self.index.model_info.get("embedding_name", "its model")
+            raise QueryError(
+                f"text queries need a model with a text tower (CLIP); this index was made by {name}"
+            ) from err
+        query = _unit(self._checked(embedded, "text")[0], "the text embedding is zero")
+        return self._run(
+            query, k, filters, [], {"kind": "text", "text": text},
+            lambda item: explain.explain_text(text, item), {"encode_ms": _ms(start)}, start,
+        )
+
+    def by_item(self, item_id: int, k: int = 10, filters: Mapping[str, Any] | None = None) -> RecommendationResult:
+        """More like this catalog item (the item and byte-identical copies of its photo are excluded)."""
+        start = time.perf_counter()
+        rows = self._rows([item_id], "item_id")
+        attributes = explain.attributes_of_rows(self.index.items.iloc[rows])
+        query = _unit(self.index.vectors(rows)[0], f"item {item_id} has a zero vector")
+        return self._run(
+            query, k, filters, rows, {"kind": "item", "item_id": int(item_id)},
+            lambda item: explain.explain_attributes(attributes, item, "metadata"), {}, start,
+        )
+
+    def by_history(
+        self,
+        liked: Sequence[int],
+        k: int = 10,
+        filters: Mapping[str, Any] | None = None,
+        *,
+        disliked: Sequence[int] = (),
+        weights: Sequence[float] | None = None,
+        half_life: float | None = None,
+        beta: float = 0.5,
+    ) -> RecommendationResult:
+        """Personalised: profile = normalise(weighted mean(liked) - beta * mean(disliked)).
+
+        ``liked`` runs oldest to most recent; ``half_life`` (in interactions) weights the i-th most recent
+        like by 0.5 ** (i / half_life); explicit ``weights`` override it. Liked and disliked items (and
+        duplicates of their photos) never come back as results.
+        """
+        start = time.perf_counter()
+        liked, disliked = [int(i) for i in liked], [int(i) for i in disliked]
+        if not liked:
+            raise QueryError("a history query needs at least one liked item id")
+        both = sorted(set(liked) & set(disliked))
+        if both:
+            raise QueryError(f"ids both liked and disliked: {both}")
+        w = _history_weights(len(liked), weights, half_life)
+        liked_rows = self._rows(liked, "history")
+        profile = (w[:, None] * self.index.vectors(liked_rows)).sum(axis=0) / w.sum()
+        disliked_rows = self._rows(disliked, "disliked") if disliked else np.empty(0, np.int64)
+        if len(disliked_rows):
+            profile = profile - beta * self.index.vectors(disliked_rows).mean(axis=0)
+        query = _unit(profile, "the liked and disliked items cancel out; like more items or lower beta")
+        attributes = explain.attributes_of_rows(self.index.items.iloc[liked_rows], w)
+        description = {"kind": "history", "liked": liked, "disliked": disliked,
+                       "weights": [round(float(x), 6) for x in w / w.sum()], "beta": beta}
+        return self._run(
+            query, k, filters, np.concatenate([liked_rows, disliked_rows]), description,
+            lambda item: explain.explain_attributes(attributes, item, "history"), {}, start,
+        )
+
+    # -- shared machinery ------------------------------------------------------------------------
+
+    def allowed_rows(
+        self, filters: Mapping[str, Any] | None, exclude_rows: Sequence[int] = ()
+    ) -> tuple[np.ndarray | None, dict[str, list[str]]]:
+        """Row mask for ``filters`` minus ``exclude_rows`` and every copy of their photos (None = all rows)."""
+        items = self.index.items
+        mask = np.ones(self.index.n, dtype=bool)
+        clean: dict[str, list[str]] = {}
+        for name, value in (filters or {}).items():
+            if value is None or (not isinstance(value, str) and len(value) == 0) or value == "":
+                continue
+            if name not in FILTER_FIELDS:
+                close = difflib.get_close_matches(name, FILTER_FIELDS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise QueryError(f"unknown filter {name!r}{hint}; filters are {', '.join(FILTER_FIELDS)}")
+            if name not in items.columns:
+                raise QueryError(f"this index has no {name!r} column to filter on")
+            wanted = [self._canonical(name, v) for v in ([value] if isinstance(value, str) else list(value))]
+            clean[name] = wanted
+            mask &= items[name].isin(wanted).to_numpy()
+        if clean and not mask.any():
+            raise QueryError(f"no item in the index matches all filters {clean}")
+        exclude = np.asarray(exclude_rows, dtype=np.int64)
+        if len(exclude):
+            mask[exclude] = False
+            if self.groups is not None:
+                mask &= ~np.isin(self.groups, self.groups[exclude])
+        return (None if mask.all() else mask), clean
+
+    def _canonical(self, name: str, value: Any) -> str:
+        if name not in self._values:
+            self._values[name] = {v.lower(): v for v in self.index.items[name].astype(str).unique() if v}
+        known = self._values[name]
+        canonical = known.get(str(value).lower())
+        if canonical is None:
+            close = difflib.get_close_matches(str(value), list(known.values()), n=5, cutoff=0.5)
+            examples = sorted(known.values())[:8]
+            hint = f"close matches: {close}" if close else f"{len(known)} values, e.g. {examples}"
+            raise QueryError(f"filters.{name}={value!r} matches no item in this index ({hint})")
+        return canonical
+
+    def _run(
+        self,
+        query: np.ndarray,
+        k: int,
+        filters: Mapping[str, Any] | None,
+        exclude_rows: Sequence[int],
+        description: dict[str, Any],
+        explainer: Callable[[Mapping[str, Any]], explain.Explanation],
+        timings: dict[str, float],
+        start: float,
+    ) -> RecommendationResult:
+        if int(k) < 1:
+            raise QueryError(f"k must be >= 1, got {k}")
+        allowed, clean = self.allowed_rows(filters, exclude_rows)
+        t = time.perf_counter()
+        scores, rows = self.index.search_filtered(query, int(k), allowed, self.groups)
+        timings["search_ms"] = _ms(t)
+        t = time.perf_counter()
+        parts = self._score_parts(query, rows)
+        records = self.index.items.iloc[rows].to_dict(orient="records")
+        results = []
+        for rank, (row_meta, score, part) in enumerate(zip(records, scores, parts), start=1):
+            metadata = {key: _plain(value) for key, value in row_meta.items()}
+            explanation = explainer(metadata)
+            explanation.parts = part
+            results.append(Recommendation(rank, int(metadata["id"]), float(score), metadata, explanation))
+        timings["explain_ms"] = _ms(t)
+        timings["total_ms"] = _ms(start)
+        description.update(k=int(k), filters=clean, index=str(self.index.path))
+        return RecommendationResult(description, results, {key: round(v, 3) for key, v in timings.items()})
+
+    def _score_parts(self, query: np.ndarray, rows: np.ndarray) -> list[dict[str, float] | None]:
+        parts = self.index.parts
+        image, text = (parts.get(key) for key in explain.PART_KEYS.values())
+        if image is None or text is None or image.shape[1] != self.index.dim or text.shape[1] != self.index.dim:
+            return [None] * len(rows)
+        return explain.score_parts(query, self.index.vectors(rows), image[rows], text[rows])
+
+    def _rows(self, ids: Sequence[int], what: str) -> np.ndarray:
+        try:
+            ids = np.asarray([int(i) for i in ids], dtype=np.int64)
+        except (TypeError, ValueError) as err:
+            raise QueryError(f"{what}: item ids must be integers ({err})") from err
+        rows = self.index.rows_of(ids)
+        if (rows < 0).any():
+            unknown = ids[rows < 0].tolist()
+            raise QueryError(
+                f"{what}: unknown item id(s) {unknown[:10]}; the index holds {self.index.n} items "
+                f"(ids {int(self.index.ids.min())}..{int(self.index.ids.max())})"
+            )
+        return rows
+
+    def _checked(self, embedded: Any, what: str) -> np.ndarray:
+        vectors = np.asarray(embedded.detach().float().cpu().numpy() if hasattr(embedded, "detach") else embedded,
+                             dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.index.dim:
+            raise QueryError(
+                f"the encoder's {what} embeddings have shape {vectors.shape[1:]} but the index holds "
+                f"{self.index.dim}-d vectors; use the model that built it "
+                f"({self.index.model_info.get('checkpoint')})"
+            )
+        name, expected = getattr(self.encoder, "embedding_name", None), self.index.model_info.get("embedding_name")
+        if name and expected and name != expected:
+            raise QueryError(f"the encoder makes {name!r} embeddings but the index holds {expected!r} ones")
+        return vectors
+
+
+def decode_query_image(image: ImageLike, position: int) -> tuple[np.ndarray, str | None, str]:
+    """Native uint8 array, sha1 of the file bytes (for duplicate exclusion) and a label for the report."""
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise QueryError(f"query image {path}: no such file")
+        data, label = path.read_bytes(), str(path)
+    elif isinstance(image, bytes):
+        data, label = image, f"<bytes #{position}>"
+    elif isinstance(image, (np.ndarray, Image.Image)):
+        return to_native(_flatten_alpha(image)), None, f"<{type(image).__name__} #{position}>"
+    else:
+        raise QueryError(f"query image #{position}: unsupported type {type(image).__name__}")
+    try:
+        native = to_native(data)
+    except ImageDecodeError as err:
+        raise QueryError(f"query image {label}: {err}") from err
+    return native, hashlib.sha1(data).hexdigest(), label
+
+
+def _flatten_alpha(image: np.ndarray | Image.Image) -> Image.Image:
+    """In-memory images in any mode -> RGB, transparency composited on the catalog's white."""
+    if isinstance(image, np.ndarray):
+        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)) or image.size == 0:
+            raise QueryError(f"query image array must be HxW, HxWx3 or HxWx4, got shape {image.shape}")
+        if image.dtype != np.uint8:
+            raise QueryError(f"query image array must be uint8, got {image.dtype}")
+        image = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        background = Image.new("RGBA", image.size, (PAD_VALUE, PAD_VALUE, PAD_VALUE, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    if image.mode.startswith("I;16"):
+        image = image.point(lambda v: v / 256).convert("L")
+    return image.convert("RGB")
+
+
+def _to_tensor(natives: np.ndarray, encoder: Encoder) -> torch.Tensor:
+    import torch
+
+    batch = torch.from_numpy(np.ascontiguousarray(natives.transpose(0, 3, 1, 2)))
+    device = getattr(encoder, "device", None)
+    return batch.to(device) if device is not None else batch
+
+
+def _is_given(value: Any) -> bool:
+    if value is None or isinstance(value, (str, bytes)) and not value:
+        return False
+    return not (isinstance(value, Sequence) and not isinstance(value, (str, bytes)) and len(value) == 0)
+
+
+def _infer(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run an encoder call without autograd bookkeeping."""
+    import torch
+
+    with torch.inference_mode():
+        return fn(*args)
+
+
+def _history_weights(n: int, weights: Sequence[float] | None, half_life: float | None) -> np.ndarray:
+    if weights is not None:
+        w = np.asarray(list(weights), dtype=np.float64)
+        if w.shape != (n,) or (w < 0).any() or w.sum() <= 0 or not np.isfinite(w).all():
+            raise QueryError(
+                f"history weights must be {n} non-negative numbers with a positive sum, got {list(weights)}"
+            )
+        return w
+    if half_life is not None:
+        if half_life <= 0:
+            raise QueryError(f"half_life must be > 0, got {half_life}")
+        age = np.arange(n - 1, -1, -1, dtype=np.float64)  # most recent last -> age 0
+        return 0.5 ** (age / half_life)
+    return np.ones(n)
+
+
+def _unit(vector: np.ndarray, problem: str) -> np.ndarray:
+    vector = np.asarray(vector, dtype=np.float32)
+    norm = float(np.linalg.norm(vector))
+    if not np.isfinite(norm) or norm < 1e-6:
+        raise QueryError(problem)
+    return vector / norm
+
+
+def _duplicate_groups(items: pd.DataFrame) -> np.ndarray | None:
+    """One group id per distinct image (by ``image_sha1``); rows without a hash are their own group."""
+    if "image_sha1" not in items.columns:
+        return None
+    sha = items["image_sha1"].astype(str).str.strip()
+    blank = sha.isin(["", "nan", "None"]).to_numpy()
+    codes, uniques = pd.factorize(sha)
+    codes = codes.astype(np.int64)
+    codes[blank] = len(uniques) + np.arange(blank.sum())
+    return codes
+
+
+def _checkpoint_loader(model_info: Mapping[str, Any]) -> Callable[[], Encoder] | None:
+    checkpoint = model_info.get("checkpoint")
+    if not checkpoint:
+        return None
+
+    def load() -> Encoder:
+        if not Path(checkpoint).is_file():
+            raise QueryError(f"the index was built from {checkpoint}, which no longer exists; pass encoder=")
+        from fashion_lightning.models.base import load_module
+
+        return load_module(checkpoint)  # in eval mode
+
+    return load
+
+
+def _plain(value: Any) -> Any:
+    """numpy / pandas scalars -> JSON-friendly Python values (NaN -> None)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1e3

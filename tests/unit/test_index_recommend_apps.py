@@ -1,0 +1,96 @@
+"""fashion-index + fashion-recommend end to end: checkpoint -> index folder -> each query kind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fashion_lightning.index import build
+from fashion_lightning.recommend import recommend
+from fashion_lightning.retrieval import IndexIntegrityError, QueryError
+from fashion_lightning.train import train
+from hydra_helpers import QUIET, make_cfg
+
+pytestmark = pytest.mark.slow
+ITEMS = 240
+
+
+@pytest.fixture(scope="module")
+def index_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("apps")
+    cfg = make_cfg("train", root / "train", root / "cache", [
+        "model.net.backbone=test_resnet", "model.net.input_size=[40,32]", "model.optimizer.lr=0.01",
+        f"data.num_items={ITEMS}", "data.train_transform=null", "trainer.max_epochs=3", "test=false", *QUIET,
+    ])  # fmt: skip
+    train(cfg)
+    ckpt = root / "train" / "checkpoints" / "last.ckpt"
+    icfg = make_cfg("index", root / "index_run", root / "cache",
+                    [f"ckpt_path={ckpt}", f"data.num_items={ITEMS}", "data.num_workers=0", "+trainer.enable_progress_bar=false"])
+    return build(icfg)
+
+
+def _items(index_dir: Path):
+    import pandas as pd
+
+    return pd.read_csv(index_dir / "items.csv")
+
+
+def _recommend(index_dir: Path, run: Path, cache: Path, overrides: list[str]):
+    cfg = make_cfg("recommend", run, cache, [f"index_dir={index_dir}", "k=5", *overrides])
+    return recommend(cfg)
+
+
+def test_index_covers_the_whole_catalog_with_a_manifest(index_dir):
+    manifest = json.loads((index_dir / "manifest.json").read_text())
+    items = _items(index_dir)
+    assert manifest["count"] == len(items) > 0.9 * ITEMS  # split=all: every clean item, not just test
+    assert manifest["model"]["embedding_name"] == "multitask" and Path(manifest["model"]["checkpoint"]).exists()
+    assert {"id", "articleType", "image_sha1"} <= set(items.columns) and "cache_row" not in items.columns
+
+
+def test_item_query_writes_json_and_gallery(index_dir, tmp_path):
+    item = int(_items(index_dir)["id"].iloc[0])
+    result = _recommend(index_dir, tmp_path, tmp_path / "c", [f"query.item_id={item}", "filters.masterCategory=Apparel"])
+    assert len(result.results) == 5 and item not in result.ids
+    assert all(r.metadata["masterCategory"] == "Apparel" for r in result.results)
+    saved = json.loads((tmp_path / "recommendations.json").read_text())
+    assert [r["id"] for r in saved["results"]] == result.ids
+    with Image.open(tmp_path / "gallery.png") as img:
+        assert img.width > 300 and img.height > 100
+
+
+def test_photo_and_history_queries(index_dir, tmp_path):
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.full((300, 200, 4), (200, 20, 20, 255), np.uint8), "RGBA").save(photo)  # RGBA, odd size
+    result = _recommend(index_dir, tmp_path / "photo", tmp_path / "c", [f"query.image={photo}"])
+    assert len(result.results) == 5 and result.results[0].explanation is not None
+    ids = _items(index_dir)["id"].tolist()
+    result = _recommend(index_dir, tmp_path / "hist", tmp_path / "c", [f"query.history=[{ids[0]},{ids[1]}]", f"query.disliked=[{ids[2]}]"])
+    assert not {ids[0], ids[1], ids[2]} & set(result.ids)
+
+
+def test_bad_queries_and_damaged_index_are_refused(index_dir, tmp_path):
+    with pytest.raises(QueryError):
+        _recommend(index_dir, tmp_path / "a", tmp_path / "c", ["query.item_id=-5"])
+    with pytest.raises(QueryError, match="text"):
+        _recommend(index_dir, tmp_path / "b", tmp_path / "c", ["query.text='red shirt'"])  # no text tower
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for f in index_dir.iterdir():
+        (damaged / f.name).write_bytes(f.read_bytes())
+    data = bytearray((damaged / "vectors.faiss").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (damaged / "vectors.faiss").write_bytes(bytes(data))
+    with pytest.raises(IndexIntegrityError, match="vectors.faiss"):
+        _recommend(damaged, tmp_path / "d", tmp_path / "c", ["query.item_id=1"])
+    env = {**os.environ, "FASHION_LIGHTNING_CACHE": str(tmp_path / "c")}
+    cli = subprocess.run([sys.executable, "-m", "fashion_lightning.recommend", f"index_dir={damaged}", "query.item_id=1",
+                          f"hydra.run.dir={tmp_path / 'cli'}"], capture_output=True, text=True, env=env, timeout=300)
+    assert cli.returncode == 2 and "vectors.faiss" in cli.stderr
