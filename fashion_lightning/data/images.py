@@ -32,11 +32,20 @@ def open_image(data: bytes | str | Path) -> Image.Image:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageDecodeError(f"not a decodable image ({type(err).__name__}: {err})") from err
     img = ImageOps.exif_transpose(img)
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16/32-bit and float greyscale
+        img = _to_8bit(img)
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (PAD_VALUE,) * 3 + (255,))
         img = Image.alpha_composite(background, rgba)
     return img.convert("RGB")
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Scale a 16/32-bit or float image to 0..255 (PIL's own convert("L") clips it to white)."""
+    arr = np.asarray(img, dtype=np.float32)
+    top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+    return Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8), "L")
 
 
 def letterbox(img: Image.Image, size_hw: tuple[int, int] = NATIVE_HW) -> np.ndarray:

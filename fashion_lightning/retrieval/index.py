@@ -191,8 +191,9 @@ def _column_kind(series: pd.Series) -> str:
 class IndexWriter:
     """Streaming index builder: ``add`` chunks of (vectors, metadata), then ``finalize``.
 
-    Metadata goes to disk as it arrives; only the vectors (which the index must hold anyway) stay in
-    memory, so a caller can embed a catalog batch by batch without keeping images or frames around.
+    Metadata goes to disk as it arrives. Flat and HNSW vectors go straight into the FAISS index, so the
+    only copy held is the index itself; IVF types keep the vectors until ``finalize``, which trains the
+    coarse quantizer (and PQ codebooks) on a uniform random sample of the whole catalog, then adds them.
     """
 
     def __init__(
@@ -208,7 +209,9 @@ class IndexWriter:
         self.model_info = json.loads(json.dumps(dict(model_info), default=str))
         self.params = params or IndexParams()
         self.normalize = normalize
-        self._vectors: list[np.ndarray] = []
+        self._index: faiss.Index | None = None  # flat / hnsw: filled as chunks arrive
+        self._pending: list[np.ndarray] = []  # ivf / ivfpq: held until finalize trains on a sample
+        self._dim: int | None = None
         self._ids: list[np.ndarray] = []
         self._parts: dict[str, list[np.ndarray]] | None = None
         self._columns: dict[str, str] | None = None
@@ -217,7 +220,7 @@ class IndexWriter:
 
     @property
     def count(self) -> int:
-        return sum(len(v) for v in self._vectors)
+        return sum(len(i) for i in self._ids)
 
     def add(
         self,
@@ -230,8 +233,8 @@ class IndexWriter:
             raise ValueError(f"metadata has {len(metadata)} rows but embeddings {len(vectors)}")
         if "id" not in metadata.columns:
             raise ValueError("metadata needs an 'id' column")
-        if self._vectors and vectors.shape[1] != self._vectors[0].shape[1]:
-            raise ValueError(f"embedding dim {vectors.shape[1]} != {self._vectors[0].shape[1]} of earlier chunks")
+        if self._dim is not None and vectors.shape[1] != self._dim:
+            raise ValueError(f"embedding dim {vectors.shape[1]} != {self._dim} of earlier chunks")
         extra = {k: _as_matrix(v, k) for k, v in (extra_vectors or {}).items()}
         if self._parts is None:
             self._parts = {k: [] for k in extra}
@@ -249,27 +252,34 @@ class IndexWriter:
                 f"metadata columns {list(metadata.columns)} differ from earlier chunks' {list(self._columns)}"
             )
         frame = metadata[list(self._columns)]
-        frame.to_csv(self._items_fh, header=not self._vectors, index=False)
-        self._vectors.append(vectors)
+        frame.to_csv(self._items_fh, header=not self._ids, index=False)
         self._ids.append(frame["id"].to_numpy(dtype=np.int64))
+        self._dim = vectors.shape[1]
+        if self.normalize:
+            faiss.normalize_L2(vectors)
+        if self.params.type in ("ivf", "ivfpq"):
+            self._pending.append(vectors)
+            return
+        if self._index is None:
+            configure_threads()
+            self._index = _new_faiss(self._dim, self.params.resolved(0, self._dim))
+        self._index.add(vectors)
 
     def finalize(self) -> IndexManifest:
-        """Build the FAISS index, write every file, then the manifest (last)."""
+        """Finish the FAISS index, write every file, then the manifest (last)."""
         self._items_fh.close()
-        if not self._vectors:
+        if not self._ids:
             raise ValueError("no vectors were added")
         ids = np.concatenate(self._ids)
         uniq, counts = np.unique(ids, return_counts=True)
         if (counts > 1).any():
             raise ValueError(f"duplicate item ids, e.g. {uniq[counts > 1][:5].tolist()}")
-        vectors = np.ascontiguousarray(np.concatenate(self._vectors))
-        self._vectors = [vectors]
-        if self.normalize:
-            faiss.normalize_L2(vectors)
-        n, dim = vectors.shape
+        n, dim = len(ids), self._dim
         params = self.params.resolved(n, dim)
         configure_threads()
-        index = _build_faiss(vectors, params)
+        index = self._index if self._index is not None else _train_and_fill(self._pending, params)
+        self._pending = []
+        _apply_search_params(index, params)
         out = self.out_dir
         os.replace(self._items_path, out / ITEMS_FILE)
         faiss.write_index(index, str(out / VECTORS_FILE))
@@ -322,7 +332,8 @@ def build_index(
 
 
 def _as_matrix(array: np.ndarray, name: str) -> np.ndarray:
-    matrix = np.asarray(array, dtype=np.float32)
+    """A private float32 copy (the caller may reuse its buffer for the next batch)."""
+    matrix = np.array(array, dtype=np.float32)
     if matrix.ndim != 2 or matrix.shape[1] == 0:
         raise ValueError(f"{name} must be a 2-D [N, D] array, got shape {matrix.shape}")
     if not np.isfinite(matrix).all():
@@ -330,16 +341,23 @@ def _as_matrix(array: np.ndarray, name: str) -> np.ndarray:
     return matrix
 
 
-def _build_faiss(vectors: np.ndarray, params: IndexParams) -> faiss.Index:
-    index = faiss.index_factory(vectors.shape[1], params.factory_string(), faiss.METRIC_INNER_PRODUCT)
+def _new_faiss(dim: int, params: IndexParams) -> faiss.Index:
+    index = faiss.index_factory(dim, params.factory_string(), faiss.METRIC_INNER_PRODUCT)
     if params.type == "hnsw":
         index.hnsw.efConstruction = params.ef_construction
-    if not index.is_trained:
-        rng = np.random.default_rng(0)
-        sample = rng.choice(len(vectors), size=min(len(vectors), params.train_size), replace=False)
-        index.train(vectors[np.sort(sample)])
-    index.add(vectors)
-    _apply_search_params(index, params)
+    return index
+
+
+def _train_and_fill(chunks: list[np.ndarray], params: IndexParams) -> faiss.Index:
+    """IVF / IVF-PQ: train on a uniform sample of all vectors, then add them chunk by chunk."""
+    sizes = np.cumsum([0, *(len(c) for c in chunks)])
+    rng = np.random.default_rng(0)
+    sample = np.sort(rng.choice(sizes[-1], size=min(int(sizes[-1]), params.train_size), replace=False))
+    owner = np.searchsorted(sizes, sample, side="right") - 1
+    index = _new_faiss(chunks[0].shape[1], params)
+    index.train(np.concatenate([chunk[sample[owner == c] - sizes[c]] for c, chunk in enumerate(chunks)]))
+    for chunk in chunks:
+        index.add(chunk)
     return index
 
 
@@ -484,10 +502,13 @@ class LoadedIndex:
         return self._row_of.get_indexer(np.asarray(ids, dtype=np.int64))
 
     def vectors(self, rows: np.ndarray | None = None) -> np.ndarray:
-        """Stored vectors (exact, except IVF-PQ which gives its decoded approximation)."""
-        rows = np.arange(self.n) if rows is None else np.asarray(rows, dtype=np.int64)
+        """Stored vectors (exact, except IVF-PQ which gives its decoded approximation).
+
+        For a flat index, ``vectors()`` is a read-only view of the index's own storage (no copy).
+        """
         if self._flat is not None:
-            return self._flat.vectors[rows]
+            return self._flat.vectors if rows is None else self._flat.vectors[np.asarray(rows, dtype=np.int64)]
+        rows = np.arange(self.n) if rows is None else np.asarray(rows, dtype=np.int64)
         return self.faiss_index.reconstruct_batch(rows)
 
     def search(self, queries: np.ndarray, k: int, engine: str = "auto") -> tuple[np.ndarray, np.ndarray]:
@@ -563,9 +584,11 @@ def _take_unique(
 
 
 def _flat_view(index: faiss.Index) -> np.ndarray:
-    """Zero-copy [N, D] float32 view of an IndexFlat's storage (lives as long as ``index``)."""
+    """Zero-copy, read-only [N, D] float32 view of an IndexFlat's storage (lives as long as ``index``)."""
     flat = faiss.downcast_index(index)
-    return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+    view = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+    view.flags.writeable = False
+    return view
 
 
 def _topk_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -612,9 +635,11 @@ class _FlatSearcher:
     def _prepare_bf16(self) -> None:
         import torch
 
-        self._bf16 = torch.from_numpy(self.vectors).to(torch.bfloat16)
+        self._bf16 = torch.empty(self.vectors.shape, dtype=torch.bfloat16)
         for start in range(0, len(self.vectors), 8192):  # chunked: no full-size fp32 temporary
-            err = self.vectors[start : start + 8192] - self._bf16[start : start + 8192].float().numpy()
+            chunk = np.array(self.vectors[start : start + 8192])  # writable copy: torch wants one
+            self._bf16[start : start + len(chunk)] = torch.from_numpy(chunk)
+            err = chunk - self._bf16[start : start + len(chunk)].float().numpy()
             self._max_err = max(self._max_err, float(np.sqrt(np.einsum("ij,ij->i", err, err).max())))
 
     def bf16(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
