@@ -9,9 +9,7 @@ writes ``<output_dir>/metrics.json`` plus PNGs under ``<output_dir>/plots/``.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,6 +28,7 @@ from torchmetrics.functional.classification import (
 
 from fashion_lightning.evaluation.plots import confusion_matrix_figure, pca_scatter_figure, save_figure
 from fashion_lightning.evaluation.retrieval import retrieval_metrics_by_relevance
+from fashion_lightning.utils.reporting import update_json
 
 log = logging.getLogger(__name__)
 
@@ -365,17 +364,5 @@ def _gather(outputs: dict[str, Any], trainer: L.Trainer) -> dict[str, Any]:
 
 def write_metrics_json(path: Path, stage: str, metrics: Mapping[str, float], epoch: int, global_step: int) -> None:
     """Replace the ``{stage}/*`` keys of ``path`` (keeping other stages), atomically and sorted."""
-    data: dict[str, Any] = {}
-    if path.exists():
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            log.warning("evaluation: %s is not valid JSON; rewriting it", path)
-    data = {k: v for k, v in data.items() if not k.startswith(f"{stage}/")}
-    data |= dict(metrics)
-    data[f"{stage}/epoch"] = int(epoch)
-    data[f"{stage}/global_step"] = int(global_step)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    values = {**metrics, f"{stage}/epoch": int(epoch), f"{stage}/global_step": int(global_step)}
+    update_json(path, values, replace_prefix=f"{stage}/")

@@ -3,20 +3,36 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+log = logging.getLogger(__name__)
 
-def update_json(path: str | Path, values: Mapping) -> dict:
-    """Merge ``values`` into a JSON object file (created if missing); returns the merged dict."""
+
+def update_json(path: str | Path, values: Mapping, replace_prefix: str | None = None) -> dict:
+    """Merge ``values`` into a JSON object file (created if missing), atomically; returns the result.
+
+    ``replace_prefix`` first drops the file's keys with that prefix (e.g. a stage's stale metrics).
+    """
     path = Path(path)
-    data = json.loads(path.read_text()) if path.exists() else {}
+    data: dict = {}
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            log.warning("%s is not valid JSON; rewriting it", path)
+    if replace_prefix:
+        data = {k: v for k, v in data.items() if not k.startswith(replace_prefix)}
     data.update(values)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
     return data
 
 
