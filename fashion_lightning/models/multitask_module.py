@@ -129,6 +129,11 @@ class MultiTaskModule(FashionModule):
         with torch.no_grad():
             return self.net(images.to(self.device))[0]
 
+    @torch.no_grad()
+    def image_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits, embedding = self.net(images.to(self.device))  # heads and embedding share the backbone pass
+        return embedding, logits
+
     # -- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self) -> dict:
         cfg = self.optimizer_cfg

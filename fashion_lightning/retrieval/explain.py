@@ -43,10 +43,6 @@ class Explanation:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Explanation:
-        return cls(**data)
-
 
 def attributes_of_rows(rows: pd.DataFrame, weights: Sequence[float] | None = None) -> QueryAttributes:
     """Weighted value shares of catalog rows (one item, or a user's liked items)."""

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import io
 import json
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +22,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from fashion_lightning.data.images import PAD_VALUE, ImageDecodeError, to_native
+from fashion_lightning.data.images import ImageDecodeError, letterbox, open_image
 from fashion_lightning.retrieval import explain
 from fashion_lightning.retrieval.index import LoadedIndex, RetrievalError, load_index
 
@@ -33,6 +35,10 @@ ImageLike = Union[str, Path, bytes, np.ndarray, Image.Image]
 
 class QueryError(RetrievalError, ValueError):
     """The query cannot be answered as asked (unknown id, bad filter, unreadable photo, ...)."""
+
+
+class PhotoTooLargeError(QueryError):
+    """A query photo has more pixels than PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``)."""
 
 
 @runtime_checkable
@@ -50,6 +56,9 @@ class Encoder(Protocol):
     def predict_attributes(self, images: torch.Tensor) -> dict[str, list[str]]:
         """uint8 [B, 3, H, W] -> {task: [B] labels}; {} without heads."""
 
+    # optional: ``embed_and_predict(images) -> (embeddings, {task: labels})`` from one forward pass;
+    # photo queries use it when the encoder has it (FashionModule does), else call the two above.
+
 
 @dataclass
 class Recommendation:
@@ -62,10 +71,6 @@ class Recommendation:
     def to_dict(self) -> dict[str, Any]:
         return {**{k: getattr(self, k) for k in ("rank", "id", "score", "metadata")},
                 "explanation": self.explanation.to_dict()}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Recommendation:
-        return cls(**{**data, "explanation": explain.Explanation.from_dict(data["explanation"])})
 
 
 @dataclass
@@ -83,14 +88,6 @@ class RecommendationResult:
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> RecommendationResult:
-        return cls(data["query"], [Recommendation.from_dict(r) for r in data["results"]], dict(data["timings"]))
-
-    @classmethod
-    def from_json(cls, text: str) -> RecommendationResult:
-        return cls.from_dict(json.loads(text))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -179,12 +176,9 @@ class Recommender:
             raise QueryError("no query image given")
         natives, digests, labels = zip(*(decode_query_image(image, i) for i, image in enumerate(images)))
         batch = _to_tensor(np.stack(natives), self.encoder)
-        vectors = self._checked(_infer(self.encoder.embed_images, batch), "image")
+        embedded, predictions = _infer(_embed_and_predict, self.encoder, batch)
+        vectors = self._checked(embedded, "image")
         query = _unit(vectors.mean(axis=0), "the query photos' embeddings cancel out")
-        try:
-            predictions = _infer(self.encoder.predict_attributes, batch) or {}
-        except NotImplementedError:
-            predictions = {}
         attributes = explain.attributes_of_predictions(predictions)
         sha1s = {d for d in digests if d}
         exclude = []
@@ -376,39 +370,64 @@ class Recommender:
 
 
 def decode_query_image(image: ImageLike, position: int) -> tuple[np.ndarray, str | None, str]:
-    """Native uint8 array, sha1 of the file bytes (for duplicate exclusion) and a label for the report."""
+    """Native uint8 array, sha1 of the file bytes (for duplicate exclusion) and a label for the report.
+
+    Every form goes through the catalog's decoder (:func:`open_image`): in-memory arrays and PIL images
+    are handed to it as lossless bytes, so a photo is treated the same whichever way it arrives.
+    """
+    digest: str | None = None
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
             raise QueryError(f"query image {path}: no such file")
         data, label = path.read_bytes(), str(path)
+        digest = hashlib.sha1(data).hexdigest()
     elif isinstance(image, bytes):
         data, label = image, f"<bytes #{position}>"
+        digest = hashlib.sha1(data).hexdigest()
     elif isinstance(image, (np.ndarray, Image.Image)):
-        return to_native(_flatten_alpha(image)), None, f"<{type(image).__name__} #{position}>"
+        data, label = _lossless_bytes(image), f"<{type(image).__name__} #{position}>"
     else:
         raise QueryError(f"query image #{position}: unsupported type {type(image).__name__}")
     try:
-        native = to_native(data)
+        with warnings.catch_warnings():  # PIL only warns between 1x and 2x its pixel limit: refuse those too
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            native = letterbox(open_image(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise PhotoTooLargeError(f"query image {label}: {err}") from err
     except ImageDecodeError as err:
+        if isinstance(err.__cause__, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+            raise PhotoTooLargeError(f"query image {label}: {err}") from err
         raise QueryError(f"query image {label}: {err}") from err
-    return native, hashlib.sha1(data).hexdigest(), label
+    return native, digest, label
 
 
-def _flatten_alpha(image: np.ndarray | Image.Image) -> Image.Image:
-    """In-memory images in any mode -> RGB, transparency composited on the catalog's white."""
+def _lossless_bytes(image: np.ndarray | Image.Image) -> bytes:
+    """In-memory image -> PNG (or TIFF for modes PNG cannot hold) bytes for :func:`open_image`."""
     if isinstance(image, np.ndarray):
         if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)) or image.size == 0:
             raise QueryError(f"query image array must be HxW, HxWx3 or HxWx4, got shape {image.shape}")
         if image.dtype != np.uint8:
             raise QueryError(f"query image array must be uint8, got {image.dtype}")
         image = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        background = Image.new("RGBA", image.size, (PAD_VALUE, PAD_VALUE, PAD_VALUE, 255))
-        image = Image.alpha_composite(background, image.convert("RGBA"))
-    if image.mode.startswith("I;16"):
-        image = image.point(lambda v: v / 256).convert("L")
-    return image.convert("RGB")
+    buffer = io.BytesIO()
+    png = image.mode in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA")
+    image.save(buffer, format="PNG" if png else "TIFF", **({"compress_level": 0} if png else {}))
+    return buffer.getvalue()
+
+
+def _embed_and_predict(encoder: Encoder, images: torch.Tensor) -> tuple[Any, dict[str, list[str]]]:
+    """Embeddings and predicted attributes of query photos, in one forward pass where the encoder can."""
+    both = getattr(encoder, "embed_and_predict", None)
+    if callable(both):
+        embedded, predictions = both(images)
+        return embedded, dict(predictions or {})
+    embedded = encoder.embed_images(images)
+    try:
+        predictions = encoder.predict_attributes(images) or {}
+    except NotImplementedError:
+        predictions = {}
+    return embedded, dict(predictions)
 
 
 def _to_tensor(natives: np.ndarray, encoder: Encoder) -> torch.Tensor:
