@@ -23,6 +23,8 @@ from fashion_lightning.retrieval.index import (
 from fashion_lightning.retrieval.recommender import (
     FILTER_FIELDS,
     Encoder,
+    ModelLoadError,
+    PhotoTooLargeError,
     QueryError,
     Recommendation,
     RecommendationResult,
@@ -38,6 +40,8 @@ __all__ = [
     "IndexParams",
     "IndexWriter",
     "LoadedIndex",
+    "ModelLoadError",
+    "PhotoTooLargeError",
     "QueryError",
     "Recommendation",
     "RecommendationResult",

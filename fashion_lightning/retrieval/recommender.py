@@ -37,6 +37,10 @@ class QueryError(RetrievalError, ValueError):
     """The query cannot be answered as asked (unknown id, bad filter, unreadable photo, ...)."""
 
 
+class ModelLoadError(RetrievalError):
+    """The model the index names cannot be loaded (missing or damaged checkpoint)."""
+
+
 class PhotoTooLargeError(QueryError):
     """A query photo has more pixels than PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``)."""
 
@@ -270,7 +274,7 @@ class Recommender:
         mask = np.ones(self.index.n, dtype=bool)
         clean: dict[str, list[str]] = {}
         for name, value in (filters or {}).items():
-            if value is None or (not isinstance(value, str) and len(value) == 0) or value == "":
+            if value is None or value == "" or (isinstance(value, (list, tuple)) and len(value) == 0):
                 continue
             if name not in FILTER_FIELDS:
                 close = difflib.get_close_matches(name, FILTER_FIELDS, n=1)
@@ -278,7 +282,13 @@ class Recommender:
                 raise QueryError(f"unknown filter {name!r}{hint}; filters are {', '.join(FILTER_FIELDS)}")
             if name not in items.columns:
                 raise QueryError(f"this index has no {name!r} column to filter on")
-            wanted = [self._canonical(name, v) for v in ([value] if isinstance(value, str) else list(value))]
+            values = [value] if isinstance(value, str) else value
+            if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
+                raise QueryError(
+                    f"filters.{name}={value!r}: filter values are names (a string or a list of strings), "
+                    f"e.g. filters.{name}={self._example(name)!r}"
+                )
+            wanted = [self._canonical(name, v) for v in values]
             clean[name] = wanted
             mask &= items[name].isin(wanted).to_numpy()
         if clean and not mask.any():
@@ -289,6 +299,10 @@ class Recommender:
             if self.groups is not None:
                 mask &= ~np.isin(self.groups, self.groups[exclude])
         return (None if mask.all() else mask), clean
+
+    def _example(self, name: str) -> str:
+        values = self.index.items[name].astype(str)
+        return str(values.mode().iloc[0]) if len(values) else "..."
 
     def _canonical(self, name: str, value: Any) -> str:
         if name not in self._values:
@@ -313,8 +327,7 @@ class Recommender:
         timings: dict[str, float],
         start: float,
     ) -> RecommendationResult:
-        if int(k) < 1:
-            raise QueryError(f"k must be >= 1, got {k}")
+        k = check_k(k)
         allowed, clean = self.allowed_rows(filters, exclude_rows)
         t = time.perf_counter()
         scores, rows = self.index.search_filtered(query, int(k), allowed, self.groups)
@@ -367,6 +380,15 @@ class Recommender:
         if name and expected and name != expected:
             raise QueryError(f"the encoder makes {name!r} embeddings but the index holds {expected!r} ones")
         return vectors
+
+
+def check_k(k: Any, most: int | None = None) -> int:
+    """``k`` as a positive int: refuses strings, floats and bools rather than truncating them."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise QueryError(f"k must be a whole number >= 1, got {k!r}")
+    if k < 1 or (most is not None and k > most):
+        raise QueryError(f"k must be between 1 and {most}, got {k}" if most else f"k must be >= 1, got {k}")
+    return int(k)
 
 
 def decode_query_image(image: ImageLike, position: int) -> tuple[np.ndarray, str | None, str]:
@@ -495,10 +517,13 @@ def _checkpoint_loader(model_info: Mapping[str, Any]) -> Callable[[], Encoder] |
 
     def load() -> Encoder:
         if not Path(checkpoint).is_file():
-            raise QueryError(f"the index was built from {checkpoint}, which no longer exists; pass encoder=")
+            raise ModelLoadError(f"the index was built from {checkpoint}, which no longer exists; pass encoder=")
         from fashion_lightning.models.base import load_module
 
-        return load_module(checkpoint)  # in eval mode
+        try:
+            return load_module(checkpoint)  # in eval mode
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as err:
+            raise ModelLoadError(f"cannot load the index's model {checkpoint}: {err}") from err
 
     return load
 

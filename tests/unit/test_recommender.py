@@ -19,6 +19,7 @@ from PIL import Image
 from rich.console import Console
 
 from fashion_lightning.retrieval import FILTER_FIELDS, QueryError, Recommender, RecommendationResult, build_index
+from fashion_lightning.retrieval.recommender import ModelLoadError
 from fashion_lightning.retrieval.gallery import PANEL_INCHES, render_gallery, results_table
 
 COLOURS = {"Navy Blue": (20, 30, 110), "Red": (200, 30, 30), "Black": (15, 15, 15), "White": (235, 235, 235)}
@@ -330,8 +331,29 @@ def test_encoder_is_loaded_only_for_photo_and_text(catalog, tmp_path):
     rec.by_images(images[5])
     rec.by_images(images[6])
     assert loads == [1]
-    with pytest.raises(QueryError, match="no longer exists"):
+    with pytest.raises(ModelLoadError, match="no longer exists"):
         Recommender.from_dir(tmp_path).by_images(images[5])
+    damaged = tmp_path / "damaged.ckpt"
+    damaged.write_bytes(b"PK\x03\x04 not a checkpoint")
+    build_index(embed_catalog(encoder, images), frame, tmp_path / "d", {**model_info, "checkpoint": str(damaged)})
+    with pytest.raises(ModelLoadError, match="cannot load the index's model .*damaged.ckpt"):
+        Recommender.from_dir(tmp_path / "d").by_images(images[5])
+
+
+@pytest.mark.parametrize("k", ["abc", 2.5, True, "3", 0, -1])
+def test_k_must_be_a_positive_whole_number(recommender, k):
+    with pytest.raises(QueryError, match="k must be"):
+        recommender.by_item(1000, k=k)
+
+
+@pytest.mark.parametrize("filters, message", [
+    ({"gender": 2015}, r"filters.gender=2015: filter values are names.*e.g. filters.gender='(Men|Women)'"),
+    ({"baseColour": ["Red", 3]}, "filter values are names"),
+    ({"year": 2015}, "unknown filter 'year'"),
+])
+def test_non_string_filters_are_refused(recommender, filters, message):
+    with pytest.raises(QueryError, match=message):
+        recommender.by_item(1000, filters=filters)
 
 
 def test_encoder_must_match_the_index(recommender, catalog, tmp_path):
