@@ -27,6 +27,7 @@ from fashion_lightning.retrieval.recommender import (
     PhotoTooLargeError,
     QueryError,
     Recommendation,
+    UnknownItemError,
     RecommendationResult,
     Recommender,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "RecommendationResult",
     "Recommender",
     "RetrievalError",
+    "UnknownItemError",
     "build_index",
     "configure_threads",
     "load_index",

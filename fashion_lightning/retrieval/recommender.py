@@ -29,12 +29,16 @@ from fashion_lightning.retrieval.index import LoadedIndex, RetrievalError, load_
 if TYPE_CHECKING:
     import torch
 
-FILTER_FIELDS = ("gender", "masterCategory", "subCategory", "articleType", "baseColour")
+FILTER_FIELDS = ("gender", "masterCategory", "subCategory", "articleType", "baseColour", "season")
 ImageLike = Union[str, Path, bytes, np.ndarray, Image.Image]
 
 
 class QueryError(RetrievalError, ValueError):
     """The query cannot be answered as asked (unknown id, bad filter, unreadable photo, ...)."""
+
+
+class UnknownItemError(QueryError):
+    """A query names an item id the index does not hold."""
 
 
 class ModelLoadError(RetrievalError):
@@ -361,7 +365,7 @@ class Recommender:
         rows = self.index.rows_of(ids)
         if (rows < 0).any():
             unknown = ids[rows < 0].tolist()
-            raise QueryError(
+            raise UnknownItemError(
                 f"{what}: unknown item id(s) {unknown[:10]}; the index holds {self.index.n} items "
                 f"(ids {int(self.index.ids.min())}..{int(self.index.ids.max())})"
             )

@@ -277,7 +277,7 @@ def test_filter_validation(recommender):
         recommender.by_item(1000, filters={"articleType": "Watches", "subCategory": "Topwear"})
     result = recommender.by_item(1000, k=3, filters={"gender": "men", "baseColour": None, "usage": []})
     assert result.query["filters"] == {"gender": ["Men"]}  # case-insensitive, empty filters ignored
-    assert set(FILTER_FIELDS) == {"gender", "masterCategory", "subCategory", "articleType", "baseColour"}
+    assert set(FILTER_FIELDS) == {"gender", "masterCategory", "subCategory", "articleType", "baseColour", "season"}
 
 
 def test_unknown_ids_and_bad_queries(recommender):
