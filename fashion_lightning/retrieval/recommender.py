@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     import torch
 
 FILTER_FIELDS = ("gender", "masterCategory", "subCategory", "articleType", "baseColour", "season")
+MAX_OVERFETCH = 256  # excluded rows up to which an unfiltered query over-fetches instead of masking
 ImageLike = Union[str, Path, bytes, np.ndarray, Image.Image]
 
 
@@ -121,6 +122,7 @@ class Recommender:
         self._encoder_loader = encoder_loader or _checkpoint_loader(index.model_info)
         self.groups = _duplicate_groups(index.items)
         self._values: dict[str, dict[str, str]] = {}
+        self._records: list[dict[str, Any]] | None = None
 
     @classmethod
     def from_dir(
@@ -142,6 +144,15 @@ class Recommender:
                 )
             self._encoder = self._encoder_loader()
         return self._encoder
+
+    def records(self, rows: Sequence[int] | np.ndarray) -> list[dict[str, Any]]:
+        """JSON-ready metadata of index rows (built once: pandas row access costs ~1 ms a query)."""
+        if self._records is None:
+            self._records = [
+                {key: _plain(value) for key, value in row.items()}
+                for row in self.index.items.to_dict(orient="records")
+            ]
+        return [self._records[int(r)] for r in rows]
 
     # -- queries ---------------------------------------------------------------------------------
 
@@ -222,7 +233,7 @@ class Recommender:
         """More like this catalog item (the item and byte-identical copies of its photo are excluded)."""
         start = time.perf_counter()
         rows = self._rows([item_id], "item_id")
-        attributes = explain.attributes_of_rows(self.index.items.iloc[rows])
+        attributes = explain.attributes_of_rows(self.records(rows))
         query = _unit(self.index.vectors(rows)[0], f"item {item_id} has a zero vector")
         return self._run(
             query, k, filters, rows, {"kind": "item", "item_id": int(item_id)},
@@ -260,7 +271,7 @@ class Recommender:
         if len(disliked_rows):
             profile = profile - beta * self.index.vectors(disliked_rows).mean(axis=0)
         query = _unit(profile, "the liked and disliked items cancel out; like more items or lower beta")
-        attributes = explain.attributes_of_rows(self.index.items.iloc[liked_rows], w)
+        attributes = explain.attributes_of_rows(self.records(liked_rows), w)
         description = {"kind": "history", "liked": liked, "disliked": disliked,
                        "weights": [round(float(x), 6) for x in w / w.sum()], "beta": beta}
         return self._run(
@@ -334,14 +345,13 @@ class Recommender:
         k = check_k(k)
         allowed, clean = self.allowed_rows(filters, exclude_rows)
         t = time.perf_counter()
-        scores, rows = self.index.search_filtered(query, int(k), allowed, self.groups)
+        scores, rows = self._search(query, k, allowed, bool(clean))
         timings["search_ms"] = _ms(t)
         t = time.perf_counter()
         parts = self._score_parts(query, rows)
-        records = self.index.items.iloc[rows].to_dict(orient="records")
         results = []
-        for rank, (row_meta, score, part) in enumerate(zip(records, scores, parts), start=1):
-            metadata = {key: _plain(value) for key, value in row_meta.items()}
+        for rank, (metadata, score, part) in enumerate(zip(self.records(rows), scores, parts), start=1):
+            metadata = dict(metadata)
             explanation = explainer(metadata)
             explanation.parts = part
             results.append(Recommendation(rank, int(metadata["id"]), float(score), metadata, explanation))
@@ -349,6 +359,20 @@ class Recommender:
         timings["total_ms"] = _ms(start)
         description.update(k=int(k), filters=clean, index=str(self.index.path))
         return RecommendationResult(description, results, {key: round(v, 3) for key, v in timings.items()})
+
+    def _search(
+        self, query: np.ndarray, k: int, allowed: np.ndarray | None, filtered: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Filtered top-k. A mask that only drops a few excluded rows (the query item, its photo's
+        copies, a history) is cheaper as an over-fetch of the unmasked search: each excluded row takes
+        at most one slot, so the top ``k + excluded`` unique rows hold the exact answer."""
+        if allowed is not None and not filtered:
+            excluded = self.index.n - int(allowed.sum())
+            if excluded <= MAX_OVERFETCH:
+                scores, rows = self.index.search_filtered(query, k + excluded, None, self.groups)
+                keep = allowed[rows]
+                return scores[keep][:k], rows[keep][:k]
+        return self.index.search_filtered(query, k, allowed, self.groups)
 
     def _score_parts(self, query: np.ndarray, rows: np.ndarray) -> list[dict[str, float] | None]:
         parts = self.index.parts
