@@ -12,6 +12,7 @@ Errors are one line: ``{"detail": "..."}`` with 404 (unknown item), 413 (upload 
 # no `from __future__ import annotations`: FastAPI reads the endpoint annotations at runtime
 import json
 import mimetypes
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,7 +80,8 @@ def create_app(
         summary="More like this, personalised and photo search over a fashion-lightning index.",
         version="1",
     )
-    limiter = anyio.CapacityLimiter(max(1, settings.inference_workers))
+    # a thread semaphore, not an anyio limiter: it holds whatever event loop (or test client) calls it
+    limiter = threading.BoundedSemaphore(max(1, settings.inference_workers))
     items = recommender.index.items
     info = _info(recommender, settings)
     page = resources.files("fashion_lightning.serve") / PAGE_DIR
@@ -110,7 +112,7 @@ def create_app(
         offset: Annotated[int, Query(ge=0)] = 0,
         filters: Annotated[str | None, Query(description="JSON object, e.g. {\"gender\": \"Women\"}")] = None,
     ) -> dict[str, Any]:
-        mask, clean = recommender.allowed_rows(_parse_filters(filters))
+        mask, clean = _answer(lambda: recommender.allowed_rows(_parse_filters(filters)))
         rows = np.arange(recommender.index.n) if mask is None else np.flatnonzero(mask)
         step = max(1, len(rows) // max(1, limit * 4))  # spread over the catalog, not its first rows
         picked = rows[::step][offset : offset + limit]
@@ -161,7 +163,11 @@ def create_app(
             raise HTTPException(413, f"photo is over the upload limit of {settings.max_upload_bytes} bytes")
         if not data:
             raise HTTPException(422, "photo: the upload is empty")
-        result = await _in_pool(lambda: recommender.by_images(data, k, parsed), limiter)
+        try:
+            result = await _in_pool(lambda: recommender.by_images(data, k, parsed), limiter)
+        except HTTPException as err:  # name the upload, not "<bytes #0>"
+            err.detail = str(err.detail).replace("query image <bytes #0>", f"photo {photo.filename!r}")
+            raise
         out = result.to_dict()
         out["query"]["images"] = [photo.filename or "upload"]
         return _with_server_time(out, start)
@@ -182,8 +188,14 @@ def _answer(call: Callable[[], Any]) -> Any:
         raise HTTPException(422, str(err)) from None
 
 
-async def _in_pool(call: Callable[[], Any], limiter: anyio.CapacityLimiter) -> Any:
-    return await anyio.to_thread.run_sync(_answer, call, limiter=limiter)
+async def _in_pool(call: Callable[[], Any], limiter: threading.BoundedSemaphore) -> Any:
+    """Run a forward pass in a worker thread, at most ``inference_workers`` at once (the rest wait)."""
+
+    def bounded() -> Any:
+        with limiter:
+            return _answer(call)
+
+    return await anyio.to_thread.run_sync(bounded)
 
 
 def _k(k: int | None, settings: ServeSettings) -> int:
