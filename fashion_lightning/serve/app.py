@@ -10,6 +10,7 @@ Errors are one line: ``{"detail": "..."}`` with 404 (unknown item), 413 (upload 
 """
 
 # no `from __future__ import annotations`: FastAPI reads the endpoint annotations at runtime
+import contextlib
 import json
 import mimetypes
 import threading
@@ -72,10 +73,21 @@ def create_app(
     recommender: Recommender,
     image_reader: ImageReader | None = None,
     settings: ServeSettings | None = None,
+    on_shutdown: Callable[[], None] | None = None,
 ) -> FastAPI:
-    """The app: JSON API, catalog photos (``image_reader(id) -> bytes``) and the shop page at ``/``."""
+    """The app: JSON API, catalog photos (``image_reader(id) -> bytes``) and the shop page at ``/``.
+
+    ``on_shutdown`` runs when the server stops (e.g. ending the inference worker processes)."""
     settings = settings or ServeSettings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        if on_shutdown is not None:
+            on_shutdown()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="fashion-lightning recommendations",
         summary="More like this, personalised and photo search over a fashion-lightning index.",
         version="1",
