@@ -21,13 +21,13 @@ import pandas as pd
 from PIL import Image
 
 from fashion_lightning.data.images import PAD_VALUE, ImageDecodeError, to_native
+from fashion_lightning.data.schema import FILTER_FIELDS
 from fashion_lightning.retrieval import explain
 from fashion_lightning.retrieval.index import LoadedIndex, RetrievalError, load_index
 
 if TYPE_CHECKING:
     import torch
 
-FILTER_FIELDS = ("gender", "masterCategory", "subCategory", "articleType", "baseColour")
 ImageLike = Union[str, Path, bytes, np.ndarray, Image.Image]
 
 
