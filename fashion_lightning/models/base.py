@@ -77,7 +77,11 @@ class FashionModule(L.LightningModule):
         return {}
 
 
-class UnsafeCheckpointError(ValueError):
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: damaged, not ours, or unsafe."""
+
+
+class UnsafeCheckpointError(CheckpointError):
     """A checkpoint that would need code to load: a pickled object, or a class/target outside the package."""
 
 
@@ -122,9 +126,9 @@ def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
                 "fashion-lightning checkpoint never contains (only tensors and plain values are loaded)"
             ) from None
         first = (str(err).strip().splitlines() or [""])[0]
-        raise ValueError(f"cannot read checkpoint {ckpt_path}: {type(err).__name__}: {first}") from None
+        raise CheckpointError(f"cannot read checkpoint {ckpt_path}: {type(err).__name__}: {first}") from None
     if not isinstance(checkpoint, dict) or CLASS_KEY not in checkpoint:
-        raise ValueError(f"{ckpt_path} is not a fashion-lightning checkpoint (no '{CLASS_KEY}' entry)")
+        raise CheckpointError(f"{ckpt_path} is not a fashion-lightning checkpoint (no '{CLASS_KEY}' entry)")
     cls_path = checkpoint[CLASS_KEY]
     if not _inside_package(cls_path):
         raise UnsafeCheckpointError(
@@ -144,7 +148,7 @@ def module_class(checkpoint: Mapping[str, Any], ckpt_path: str | Path = "checkpo
     try:
         cls = getattr(importlib.import_module(module_path), name)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"{ckpt_path} names module class {checkpoint[CLASS_KEY]!r}, which does not exist") from err
+        raise CheckpointError(f"{ckpt_path} names module class {checkpoint[CLASS_KEY]!r}, which does not exist") from err
     if not (isinstance(cls, type) and issubclass(cls, FashionModule)):
         raise UnsafeCheckpointError(f"refusing to load checkpoint {ckpt_path}: {checkpoint[CLASS_KEY]!r} is not a FashionModule")
     return cls
