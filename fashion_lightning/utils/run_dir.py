@@ -6,13 +6,13 @@ dir that already holds another run's artefacts, unless the run resumes from a ch
 
 Resuming continues in the checkpoint's own run dir (:func:`run_dir_of`), so Lightning's
 ModelCheckpoint keeps its best-model tracking (it resets it when the dir changes), and
-:class:`EpochSeed` makes every epoch's randomness a function of (seed, epoch) alone, so a run
-resumed from the end of epoch N draws exactly what an uninterrupted run draws from epoch N+1.
+:class:`EpochSeed` makes every epoch's randomness (shuffle, augmentation, dropout) a function of
+(seed, epoch) alone, so a run resumed from the end of epoch N draws exactly what an uninterrupted
+run draws from epoch N+1.
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from fashion_lightning.data.sampling import epoch_seed
 from fashion_lightning.utils.config_check import ConfigError
 
 # what a train / eval / eda run leaves in its run dir (Hydra's own .hydra/ and <task>.log are not artefacts)
@@ -57,29 +58,33 @@ def claim_run_dir(output_dir: str | Path, resume_from: str | Path | None = None)
     )
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A 32-bit seed derived from (seed, epoch) (hash-mixed, so neighbouring seeds do not share streams)."""
-    digest = hashlib.sha256(f"{int(seed)}:{int(epoch)}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
-
-
 class EpochSeed(L.Callback):
-    """Reseed torch / numpy / random and the train augmentation at the start of every train epoch.
+    """Make every train epoch's randomness a function of (seed, epoch): resume is then exact on CPU.
 
-    Shuffling (drawn when the train loader's iterator is created, after this hook), dropout and
-    augmentation then depend only on (seed, epoch), so resuming at epoch N+1 reproduces an
-    uninterrupted run bit for bit on CPU. Loader workers that persist across epochs keep their own
-    augmentation streams; use ``data.persistent_workers=false`` (or ``num_workers=0``) for exact resume.
+    Sets the epoch the datamodule's :class:`~fashion_lightning.data.sampling.EpochShuffleSampler`
+    shuffles by (at fit start too: Lightning creates the first epoch's loader iterator of a launch
+    before any epoch hook), and reseeds torch / numpy / random at the first batch of each epoch
+    (dropout and anything else drawn from the global generators in the training step).
     """
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = int(seed)
 
+    @staticmethod
+    def _set_epoch(trainer: L.Trainer) -> None:
+        datamodule = trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "epoch"):
+            datamodule.epoch = trainer.current_epoch
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._set_epoch(trainer)
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        value = epoch_seed(self.seed, trainer.current_epoch)
-        random.seed(value)
-        np.random.seed(value)
-        torch.manual_seed(value)
-        transform = getattr(trainer.datamodule, "train_transform", None) if trainer.datamodule is not None else None
-        if hasattr(transform, "set_random_seed"):
-            transform.set_random_seed(value)
+        self._set_epoch(trainer)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if batch_idx == 0:
+            value = epoch_seed(self.seed + 1, trainer.current_epoch)
+            random.seed(value)
+            np.random.seed(value)
+            torch.manual_seed(value)
