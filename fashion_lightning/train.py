@@ -10,9 +10,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from fashion_lightning.models.base import CheckpointError, read_checkpoint
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
 from fashion_lightning.utils.config_check import check_config, one_line_errors
-from fashion_lightning.utils.run_dir import claim_run_dir, run_dir_of
 from fashion_lightning.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from fashion_lightning.utils.reporting import print_summary, update_json
+from fashion_lightning.utils.run_dir import claim_run_dir, run_dir_of
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

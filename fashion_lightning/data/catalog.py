@@ -64,10 +64,9 @@ class DataReport:
         return asdict(self)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2))
-        return path
+        from fashion_lightning.utils.atomic import atomic_write_text
+
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
 
     def summary(self) -> str:
         drops = ", ".join(f"{k}={v}" for k, v in self.dropped.items()) or "none"

@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from fashion_lightning.data.source import CatalogNotFoundError, CatalogSource
+from fashion_lightning.utils.atomic import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -87,21 +87,11 @@ def _place(src: Path, target: Path, mode: str) -> Path:
             target.rmdir()
         target.symlink_to(src.resolve(), target_is_directory=src.is_dir())
         return target
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_dir(target, prefix=f".{target.name}.tmp-") as tmp:  # renames onto an absent/empty target only
         if src.is_dir():
             shutil.copytree(src, tmp, dirs_exist_ok=True, symlinks=True)
         else:
             shutil.copy2(src, tmp / src.name)
-        os.rename(tmp, target)  # onto an absent name or an empty folder only (POSIX rename semantics)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)  # our own temporary copy, nothing else
-        if target.exists() and not _is_empty_dir(target):
-            raise FileExistsError(f"{target} gained files while copying; not replacing it") from err
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

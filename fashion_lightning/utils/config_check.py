@@ -21,7 +21,6 @@ from typing import Any, Literal, Union
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
 log = logging.getLogger("fashion_lightning")
 
 
