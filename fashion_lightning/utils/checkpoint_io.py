@@ -1,8 +1,10 @@
 """Checkpoints written atomically: a full disk or a kill never leaves a truncated ``.ckpt``.
 
-Lightning's ``TorchCheckpointIO`` opens the final file for writing, so a write that fails half way
-(ENOSPC, SIGKILL) leaves a truncated checkpoint under its final name that later fails to load. Here
-the checkpoint is written to a temporary name beside it and renamed on success
+Lightning's ``TorchCheckpointIO`` writes into the system temp dir and then moves the file onto its
+final name; when the temp dir is another filesystem (a tmpfs /tmp) that move is a plain copy, so a
+full disk or a kill half way leaves a truncated checkpoint under its final name that later fails to
+load (and every checkpoint passes through /tmp). Here the checkpoint is written to a temporary name
+beside it, fsynced and renamed on success
 (:func:`fashion_lightning.utils.atomic.atomic_path`). The :class:`AtomicCheckpoints` callback installs
 it on whatever strategy the trainer uses (``conf/callbacks/atomic_checkpoints.yaml``).
 """

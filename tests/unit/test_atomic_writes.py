@@ -27,12 +27,14 @@ def enospc(*args, **kwargs):
 def full_disk_after_half(monkeypatch):
     """Every checkpoint write puts half of its bytes on disk, then the disk is full.
 
-    Covers both ways a checkpoint reaches the disk: ``torch.save`` to a path (the atomic writer) and
-    Lightning's stock writer (``torch.save`` into memory, then one fsspec ``write`` of the bytes).
+    Covers both ways a checkpoint reaches the disk: ``torch.save`` to a path (the atomic writer), and
+    Lightning's stock writer, which writes into the system temp dir and then moves the file; with the
+    temp dir on another filesystem (tmpfs /tmp) that move is a plain copy onto the final name.
     """
-    import fsspec.implementations.local as local
+    import os
+    import shutil
 
-    real_save, real_write = torch.save, local.LocalFileOpener.write
+    real_save = torch.save
 
     def save(obj, f, *args, **kwargs):
         real_save(obj, f, *args, **kwargs)
@@ -41,12 +43,17 @@ def full_disk_after_half(monkeypatch):
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
             enospc()
 
-    def write(self, data):
-        real_write(self, bytes(data)[: len(data) // 2])
+    def cross_device(*args, **kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    def copy_half(src, dst, *args, **kwargs):
+        data = Path(src).read_bytes()
+        Path(dst).write_bytes(data[: len(data) // 2])
         enospc()
 
     monkeypatch.setattr(torch, "save", save)
-    monkeypatch.setattr(local.LocalFileOpener, "write", write)
+    monkeypatch.setattr(os, "rename", cross_device)
+    monkeypatch.setattr(shutil, "copyfile", copy_half)
 
 
 def test_checkpoint_io_on_a_full_disk_leaves_no_file(tmp_path, full_disk_after_half) -> None:
