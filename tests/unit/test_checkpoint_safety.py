@@ -110,3 +110,21 @@ def test_damaged_and_missing_checkpoints_give_one_line_errors(tmp_path) -> None:
     torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
     with pytest.raises(ValueError, match="not a fashion-lightning checkpoint"):
         load_module(str(tmp_path / "plain.ckpt"))
+
+
+@pytest.mark.parametrize("app", ["train", "eval", "index"])
+def test_apps_refuse_a_hostile_checkpoint_before_loading_data(app, tmp_path) -> None:
+    from hydra_helpers import make_cfg
+
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "evil.ckpt"
+    torch.save({CLASS_KEY: MULTITASK, "hyper_parameters": {"vocabs": Payload(marker)}}, ckpt)
+    cfg = make_cfg(app, tmp_path / "run", tmp_path / "cache", [f"ckpt_path={ckpt}"])
+    run = {"train": "fashion_lightning.train:train", "eval": "fashion_lightning.eval:evaluate",
+           "index": "fashion_lightning.index:build"}[app]  # fmt: skip
+    module, _, name = run.partition(":")
+    import importlib
+
+    with pytest.raises(UnsafeCheckpointError, match=r"evil\.ckpt"):
+        getattr(importlib.import_module(module), name)(cfg)
+    assert not marker.exists() and not (tmp_path / "cache").exists()
