@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fashion_lightning.models import offline_weights
+from fashion_lightning.models.hub import hub_download
 
 log = logging.getLogger(__name__)
 
@@ -186,15 +187,18 @@ class ClipFusionNet(nn.Module):
     ) -> None:
         import open_clip
 
-        if self.shipped:
-            self.model, tokenizer_source, self._timm_name = self._create_shipped(model_name, pretrained, force_size)
-        else:
-            if pretrained == OFFLINE:
-                raise ValueError(
-                    f"pretrained='offline' only applies to the shipped configs {shipped_model_names()}; "
-                    f"for '{model_name}' use an open_clip tag (see open_clip.list_pretrained()) or null"
-                )
-            hub = model_name.startswith(("hf-hub:", "local-dir:"))  # weights come with the name
+        if self.shipped:  # local folders only: the hub stays offline while they load
+            with offline_weights.offline_hub():
+                self.model, tokenizer_source, self._timm_name = self._create_shipped(model_name, pretrained, force_size)
+                self.tokenizer = self._create_tokenizer(tokenizer_source, cache_dir)
+            return
+        if pretrained == OFFLINE:
+            raise ValueError(
+                f"pretrained='offline' only applies to the shipped configs {shipped_model_names()}; "
+                f"for '{model_name}' use an open_clip tag (see open_clip.list_pretrained()) or null"
+            )
+        hub = model_name.startswith(("hf-hub:", "local-dir:"))  # weights come with the name
+        with hub_download(f"open_clip weights for {model_name!r} (pretrained={pretrained!r})"):
             self.model = open_clip.create_model(
                 model_name,
                 pretrained=None if hub else pretrained,
@@ -203,8 +207,8 @@ class ClipFusionNet(nn.Module):
                 force_image_size=force_size,
                 cache_dir=cache_dir,
             )
-            tokenizer_source, self._timm_name = None, None
-        self.tokenizer = self._create_tokenizer(tokenizer_source, cache_dir)
+        self._timm_name = None
+        self.tokenizer = self._create_tokenizer(None, cache_dir)
 
     def _finish(
         self, image_size: tuple[int, int] | None, image_mean: Sequence[float] | None, image_std: Sequence[float] | None
@@ -256,7 +260,8 @@ class ClipFusionNet(nn.Module):
         from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 
         if text_cfg is None:
-            return open_clip.get_tokenizer(self.model_name, cache_dir=cache_dir)
+            with hub_download(f"the open_clip tokenizer of {self.model_name!r}"):
+                return open_clip.get_tokenizer(self.model_name, cache_dir=cache_dir)
         context_length = int(text_cfg.get("context_length", 77))
         if text_cfg.get("hf_tokenizer_name"):
             return HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length)
