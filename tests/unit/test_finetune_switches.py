@@ -133,8 +133,15 @@ def test_optimizer_target_from_the_command_line_reaches_the_trainer(tmp_path: Pa
 @pytest.mark.slow
 def test_compile_happens_in_configure_model_and_checkpoints_stay_plain(tmp_path: Path, cache_dir: Path) -> None:
     from fashion_lightning.models.base import load_module
+    from fashion_lightning.models.multitask_module import MultiTaskModule
 
-    overrides = TINY + ["model.compile=true", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
+    module = MultiTaskModule({"_target_": "fashion_lightning.models.multitask.MultiTaskNet", "backbone": "test_resnet",
+                              "input_size": [40, 32]}, {"gender": ["Men", "Women"]}, compile={"backend": "eager"})  # fmt: skip
+    assert module.net.backbone._compiled_call_impl is None  # building (eval, index) never compiles
+    module.configure_model()
+    assert module.net.backbone._compiled_call_impl is not None
+    # a real fit (the eager backend keeps CI fast: inductor codegen takes minutes on 2 shared cores)
+    overrides = TINY + ["model.compile={backend:eager}", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
                         "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1", "callbacks.model_checkpoint.save_last=true"]  # fmt: skip
     cfg = make_cfg("train", tmp_path / "run", cache_dir, overrides)
     train(cfg)
