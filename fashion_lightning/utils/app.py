@@ -15,8 +15,11 @@ log = logging.getLogger("fashion_lightning")
 
 
 def quiet_runtime() -> None:
-    """Sensible process defaults for CLI runs: offline HF hub, fewer noisy warnings."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    """Sensible process defaults for CLI runs: fewer noisy warnings, no tokenizer thread fan-out.
+
+    The HF hub is NOT forced offline here: ``pretrained=true`` recipes download on networked
+    machines; the packaged offline weights set ``HF_HUB_OFFLINE`` themselves where they load.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*is not writable.*")
