@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
-
-import torch
 
 CONFIG_PATH = "pkg://fashion_lightning.conf"
 VERSION_BASE = "1.3"
@@ -23,4 +22,6 @@ def quiet_runtime() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*is not writable.*")
-    torch.set_float32_matmul_precision("high")
+    torch = sys.modules.get("torch")  # id/history queries never import torch (start-up time); model apps have
+    if torch is not None:
+        torch.set_float32_matmul_precision("high")
