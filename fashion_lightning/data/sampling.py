@@ -29,7 +29,11 @@ class HasEpoch(Protocol):
 
 
 class EpochShuffleSampler(Sampler[tuple[int, int]]):
-    """Yields ``(index, epoch_seed)`` in a permutation fixed by (seed, ``holder.epoch``)."""
+    """Yields ``(index, epoch_seed)`` in a permutation fixed by (seed, ``holder.epoch``).
+
+    ``holder.epoch`` is the epoch the next pass shuffles by; each pass advances it, and Lightning
+    (``set_epoch``) and the EpochSeed callback set it before the passes they start.
+    """
 
     def __init__(self, size: int, seed: int, holder: HasEpoch) -> None:
         self.size, self.seed, self.holder = int(size), int(seed), holder
@@ -42,7 +46,9 @@ class EpochShuffleSampler(Sampler[tuple[int, int]]):
         self.holder.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        value = epoch_seed(self.seed, getattr(self.holder, "epoch", 0))
+        epoch = int(getattr(self.holder, "epoch", 0))
+        self.holder.epoch = epoch + 1  # plain loops over the loader (no trainer) get a new order each pass
+        value = epoch_seed(self.seed, epoch)
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(value))
         for index in order.tolist():
             yield index, value
