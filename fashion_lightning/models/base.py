@@ -51,9 +51,21 @@ class FashionModule(L.LightningModule):
         """Per-task logits for uint8 images; {} for models without attribute heads."""
         return {}
 
+    def image_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Embeddings and per-task logits; subclasses override this to share one forward pass."""
+        return self.embed_images(images), self.image_logits(images)
+
     @torch.no_grad()
     def predict_attributes(self, images: torch.Tensor) -> dict[str, list[str]]:
-        logits = self.image_logits(images.to(self.device))
+        return self._decode_logits(self.image_logits(images.to(self.device)))
+
+    @torch.no_grad()
+    def embed_and_predict(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, list[str]]]:
+        """Photo queries: embedding and predicted attributes from one pass through the network."""
+        embedding, logits = self.image_outputs(images.to(self.device))
+        return embedding, self._decode_logits(logits)
+
+    def _decode_logits(self, logits: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
         return {
             task: [self.vocabs.decode(task, int(i)) for i in out.argmax(dim=1).tolist()]
             for task, out in logits.items()
