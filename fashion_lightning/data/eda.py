@@ -10,7 +10,7 @@ and writes into ``output_dir``:
 
 The missing-value table is computed on the raw ``styles.csv`` (after comma repair, before
 cleaning) and counts both blank fields and the literal ``NA`` that pandas, and so the study,
-read as missing. Figures use matplotlib's object API on an Agg canvas (no pyplot state).
+read as missing. Figures come from :mod:`fashion_lightning.utils.figures` (Agg canvas, no pyplot state).
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from fashion_lightning.data.catalog import DataReport, parse_styles
 from fashion_lightning.data.schema import COLUMNS, MISSING_VALUES
 from fashion_lightning.data.splits import SPLITS
+from fashion_lightning.utils.figures import new_figure, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -121,16 +121,11 @@ def _fmt(value) -> str:
 
 # -- figures --------------------------------------------------------------------------------
 def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
+    return new_figure(width, height, layout="constrained")
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    fig.clear()  # release the artists now; no pyplot registry holds a reference
-    return path
+    return save_figure(fig, path, dpi=100, clear=True)  # cleared: no pyplot registry holds a reference
 
 
 def bar_figure(dist: pd.DataFrame, title: str, top_n: int) -> Figure:

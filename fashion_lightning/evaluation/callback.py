@@ -30,6 +30,7 @@ from fashion_lightning.data.schema import IGNORE_INDEX, UNKNOWN
 from fashion_lightning.evaluation.plots import confusion_matrix_figure, pca_scatter_figure, save_figure
 from fashion_lightning.evaluation.retrieval import retrieval_metrics_by_relevance
 from fashion_lightning.utils.reporting import update_json
+from fashion_lightning.utils.sampling import seeded_subsample
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +279,7 @@ class EvaluationCallback(L.Callback):
 
     def _retrieval(self, embedding: torch.Tensor, labels: torch.Tensor, vocabs: Any, device: torch.device) -> dict[str, float]:
         """``retrieval/*`` (same articleType) and ``retrieval_strict/*``, on a seeded subsample if large."""
-        rows = _seeded_subsample(embedding.shape[0], self.max_retrieval_items, self.seed)
+        rows = seeded_subsample(embedding.shape[0], self.max_retrieval_items, self.seed)
         if rows is not None:
             log.info("evaluation: retrieval on a seeded subsample of %d of %d items", rows.numel(), embedding.shape[0])
             embedding, labels = embedding[rows], labels[rows]
@@ -343,13 +344,6 @@ def _log_figure(trainer: L.Trainer, tag: str, figure: Figure, path: Path) -> Non
             logger.experiment.add_figure(tag, figure, global_step=trainer.global_step, close=False)
         elif isinstance(logger, WandbLogger):
             logger.log_image(key=tag, images=[str(path)])
-
-
-def _seeded_subsample(n: int, max_items: int, seed: int) -> torch.Tensor | None:
-    if n <= max_items:
-        return None
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(n, generator=generator)[:max_items].sort().values
 
 
 def _gather(outputs: dict[str, Any], trainer: L.Trainer) -> dict[str, Any]:
