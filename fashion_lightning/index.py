@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from fashion_lightning.models.base import load_module
-from fashion_lightning.retrieval.index import IndexParams
+from fashion_lightning.retrieval.manifest import IndexParams
 from fashion_lightning.retrieval.predict_writer import IndexPredictionWriter
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
 from fashion_lightning.utils.task_wrapper import task_wrapper

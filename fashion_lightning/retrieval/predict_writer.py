@@ -15,7 +15,8 @@ import pandas as pd
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from fashion_lightning.retrieval.index import IndexManifest, IndexParams, IndexWriter
+from fashion_lightning.retrieval.manifest import IndexManifest, IndexParams
+from fashion_lightning.retrieval.writer import IndexWriter
 
 VECTOR_KEYS = ("embedding", "image_embedding", "text_embedding")
 METADATA_DROP = ("cache_row",)

@@ -23,7 +23,8 @@ from PIL import Image
 from fashion_lightning.data.images import PAD_VALUE, ImageDecodeError, to_native
 from fashion_lightning.data.schema import FILTER_FIELDS
 from fashion_lightning.retrieval import explain
-from fashion_lightning.retrieval.index import LoadedIndex, RetrievalError, load_index
+from fashion_lightning.retrieval.manifest import RetrievalError
+from fashion_lightning.retrieval.search import LoadedIndex, load_index
 
 if TYPE_CHECKING:
     import torch

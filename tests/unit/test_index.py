@@ -9,16 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fashion_lightning.retrieval.index import (
-    MANIFEST_FILE,
-    IndexIntegrityError,
-    IndexParams,
-    IndexWriter,
-    build_index,
-    load_index,
-    sha256_file,
-)
-from fashion_lightning.retrieval.index import bf16_available
+from fashion_lightning.retrieval import IndexIntegrityError, IndexParams, IndexWriter, build_index, load_index
+from fashion_lightning.retrieval.manifest import MANIFEST_FILE, sha256_file
+from fashion_lightning.retrieval.search import bf16_available
 
 MODEL_INFO = {"checkpoint": None, "embedding_name": "random", "module_class": "None", "tasks": ["articleType"]}
 
