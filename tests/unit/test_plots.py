@@ -28,7 +28,6 @@ def test_seeded_subsample_is_reproducible_sorted_and_none_when_all_fit():
 
 
 def test_figures_are_written_atomically_without_pyplot(tmp_path):
-
     fig = new_figure(2, 2)
     fig.add_subplot().plot([0, 1], [1, 0])
     path = save_figure(fig, tmp_path / "sub" / "line.png", dpi=50, clear=True)
