@@ -169,7 +169,9 @@ def split_figure(table: pd.DataFrame, title: str) -> Figure:
     height = 0.8 / max(1, k)
     positions = np.arange(n)[::-1]
     for j, col in enumerate(shares.columns):
-        ax.barh(positions + (k / 2 - j - 0.5) * height, shares[col].to_numpy(), height, label=str(col).removesuffix(" %"))
+        ax.barh(
+            positions + (k / 2 - j - 0.5) * height, shares[col].to_numpy(), height, label=str(col).removesuffix(" %")
+        )
     ax.set_yticks(positions, [str(i) for i in shares.index], fontsize=8)
     ax.set_xlabel("% of the split")
     ax.legend(fontsize=8)
@@ -213,7 +215,9 @@ def run_eda(datamodule, output_dir: str | Path, attributes: Sequence[str] = ("ma
         plots_dir / "gender_x_articleType.png",
     )
     season_gender = table("season_x_gender", crosstab(frame, "season", "gender"))
-    plots["season_x_gender"] = _save(heatmap_figure(season_gender, "season x gender"), plots_dir / "season_x_gender.png")
+    plots["season_x_gender"] = _save(
+        heatmap_figure(season_gender, "season x gender"), plots_dir / "season_x_gender.png"
+    )
     sizes = pd.DataFrame({"items": [len(frames[s]) for s in SPLITS]}, index=pd.Index(SPLITS, name="split"))
     sizes["percent"] = (100.0 * sizes["items"] / max(1, sizes["items"].sum())).round(2)
     table("split_sizes", sizes)
@@ -226,7 +230,9 @@ def run_eda(datamodule, output_dir: str | Path, attributes: Sequence[str] = ("ma
             plots_dir / f"split_{attr}.png",
         )
 
-    md = _markdown(datamodule, title, raw, missing, dists, gender_article, season_gender, sizes, split_tables, plots, out)
+    md = _markdown(
+        datamodule, title, raw, missing, dists, gender_article, season_gender, sizes, split_tables, plots, out
+    )
     report_path = out / REPORT_NAME
     report_path.write_text(md, encoding="utf-8")
     log.info("EDA report: %s", report_path)
@@ -251,17 +257,21 @@ def _markdown(dm, title, raw, missing, dists, gender_article, season_gender, siz
     parts = [
         f"# {title or 'Data report'}: `{source}`",
         f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} from `{report.source}`. "
-        "Tables are complete in `tables/*.csv`; `data_report.json`, `splits.csv` and `vocab.json` sit beside this file.",
+        "Tables are complete in `tables/*.csv`; "
+        "`data_report.json`, `splits.csv` and `vocab.json` sit beside this file.",
         "## Cleaning",
         f"**{report.rows_read:,} rows read, {report.rows_kept:,} kept** "
         f"({report.rows_read - report.rows_kept:,} dropped, {sum(report.repaired.values()):,} repaired).",
         "### Repaired rows (unquoted commas in productDisplayName, fields joined back into the name)",
-        markdown_table(_counts(dict(sorted(report.repaired.items())), "repair"), None) + "\n\nids: "
-        + ", ".join(map(str, report.repaired_ids[:40])) + (" ..." if len(report.repaired_ids) > 40 else "")
-        if report.repaired else "None.",
+        markdown_table(_counts(dict(sorted(report.repaired.items())), "repair"), None)
+        + "\n\nids: "
+        + ", ".join(map(str, report.repaired_ids[:40]))
+        + (" ..." if len(report.repaired_ids) > 40 else "")
+        if report.repaired
+        else "None.",
         "### Dropped rows by reason",
         markdown_table(_counts(report.dropped, "reason", report.dropped_ids), None) if report.dropped else "None.",
-        "### Missing values filled with \"Unknown\"",
+        '### Missing values filled with "Unknown"',
         markdown_table(_counts(report.filled, "column"), None) if report.filled else "None.",
         *(["### Notes", *[f"- {_cut(n)}" for n in report.notes]] if report.notes else []),
         f"## Missing values in the raw styles.csv ({len(raw):,} parsed rows, before cleaning)",
@@ -285,7 +295,11 @@ def _markdown(dm, title, raw, missing, dists, gender_article, season_gender, siz
         markdown_table(sizes, None),
     ]
     for attr, tab in split_tables.items():
-        parts += [f"### {attr} per split", f"![{attr} per split]({rel[f'split_{attr}']})", markdown_table(tab, _MD_ROWS + 1)]
+        parts += [
+            f"### {attr} per split",
+            f"![{attr} per split]({rel[f'split_{attr}']})",
+            markdown_table(tab, _MD_ROWS + 1),
+        ]
     vocab = pd.DataFrame(
         {
             "classes": [len(dm.vocabs[t]) for t in dm.vocabs.tasks],

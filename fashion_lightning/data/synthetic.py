@@ -271,7 +271,9 @@ def generate_synthetic_catalog(root: Path, num_items: int = 1200, seed: int = 0)
             f"{it.id},{it.gender},{it.art.master},{it.art.sub},{it.art.article},{values['baseColour']},"
             f"{values['season']},{values['year']},{values['usage']},{values['productDisplayName']}"
         )
-        img = render(it.art.article, it.colour, it.gender, it.season, rng)  # drawn even when not written, so rng use does not depend on quirks
+        img = render(
+            it.art.article, it.colour, it.gender, it.season, rng
+        )  # drawn even when not written, so rng use does not depend on quirks
         if it.id == missing.id:
             continue
         if it.id in odd:

@@ -109,7 +109,12 @@ class Paint:
         # White items need a visible outline on a white background; black ones a lighter seam.
         dark = fill * 0.62 if fill.mean() > 60 else fill + 45
         light = fill + (255 - fill) * 0.45
-        return cls(*(tuple(int(round(v)) for v in np.clip(c, 0, 255)) for c in (fill, dark, light)))
+        return cls(_colour(fill), _colour(dark), _colour(light))
+
+
+def _colour(values: np.ndarray) -> Colour:
+    r, g, b = (int(round(v)) for v in np.clip(values, 0, 255))
+    return r, g, b
 
 
 WHITE: Colour = (248, 248, 248)

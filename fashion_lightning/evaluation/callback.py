@@ -127,9 +127,12 @@ def classification_metrics(
             continue
         preds = logits[task].float()
         num_classes = int(vocabs.num_classes[task])
-        common = dict(num_classes=num_classes, ignore_index=IGNORE_INDEX)
-        metrics[f"acc/{task}"] = float(multiclass_accuracy(preds, target, average="micro", **common))
-        metrics[f"f1/{task}"] = float(multiclass_f1_score(preds, target, average="macro", **common))
+        metrics[f"acc/{task}"] = float(
+            multiclass_accuracy(preds, target, num_classes, average="micro", ignore_index=IGNORE_INDEX)
+        )
+        metrics[f"f1/{task}"] = float(
+            multiclass_f1_score(preds, target, num_classes, average="macro", ignore_index=IGNORE_INDEX)
+        )
         metrics[f"baseline/{task}"] = majority_baseline(target)
     return metrics
 
@@ -277,7 +280,9 @@ class EvaluationCallback(L.Callback):
             log.warning("evaluation: tasks %s are not in the vocabulary %s; ignored", missing, vocabs.tasks)
         return [t for t in wanted if t in logits and t in vocabs.tasks]
 
-    def _retrieval(self, embedding: torch.Tensor, labels: torch.Tensor, vocabs: Any, device: torch.device) -> dict[str, float]:
+    def _retrieval(
+        self, embedding: torch.Tensor, labels: torch.Tensor, vocabs: Any, device: torch.device
+    ) -> dict[str, float]:
         """``retrieval/*`` (same articleType) and ``retrieval_strict/*``, on a seeded subsample if large."""
         rows = seeded_subsample(embedding.shape[0], self.max_retrieval_items, self.seed)
         if rows is not None:
@@ -310,7 +315,7 @@ class EvaluationCallback(L.Callback):
             _log_figure(trainer, f"{stage}/{name}", figure, path)
 
     def _figures(self, stage: str, outputs: Mapping[str, Any], pl_module: L.LightningModule) -> dict[str, Figure]:
-        vocabs = pl_module.vocabs
+        vocabs: Any = pl_module.vocabs
         labels = outputs["labels"].long()
         logits = outputs.get("logits", {})
         figures: dict[str, Figure] = {}
@@ -323,7 +328,9 @@ class EvaluationCallback(L.Callback):
             confmat = multiclass_confusion_matrix(
                 logits[task].float(), target, num_classes=int(vocabs.num_classes[task]), ignore_index=IGNORE_INDEX
             )
-            figures[f"confusion_{task}"] = confusion_matrix_figure(confmat, vocabs[task].classes, f"{stage} confusion: {task}")
+            figures[f"confusion_{task}"] = confusion_matrix_figure(
+                confmat, vocabs[task].classes, f"{stage} confusion: {task}"
+            )
         if "embedding" in outputs:
             name = getattr(pl_module, "embedding_name", "embedding")
             for attribute in self.pca_attributes:

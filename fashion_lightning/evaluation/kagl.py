@@ -107,7 +107,8 @@ def text_to_image(
     """
     if len(texts) != len(text_emb) or len(texts) != len(image_emb):
         raise ValueError(f"texts ({len(texts)}), text_emb ({len(text_emb)}), image_emb ({len(image_emb)}) differ")
-    keys, first = {}, []
+    keys: dict[str, int] = {}
+    first: list[int] = []
     doc_keys = np.empty(len(texts), dtype=np.int64)
     for i, text in enumerate(texts):
         key = keys.setdefault(str(text), len(keys))

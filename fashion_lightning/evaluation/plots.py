@@ -68,7 +68,15 @@ def _annotate_cells(ax, rates: torch.Tensor) -> None:
     for row in range(rates.shape[0]):
         for col in range(rates.shape[1]):
             value = float(rates[row, col])
-            ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value > 0.5 else "black")
+            ax.text(
+                col,
+                row,
+                f"{value:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if value > 0.5 else "black",
+            )
 
 
 def pca_2d(embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -85,13 +85,17 @@ def retrieval_metrics_by_relevance(
     if not ks or min(ks) < 1:
         raise ValueError(f"ks must be positive integers, got {ks}")
     if embeddings.ndim != 2 or labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(f"expected embeddings [N,D] and labels [N,...], got {tuple(embeddings.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"expected embeddings [N,D] and labels [N,...], got {tuple(embeddings.shape)} and {tuple(labels.shape)}"
+        )
     emb = embeddings.detach().float()
     labels = labels.to(emb.device)
     groups = {name: relevance_groups(labels, columns) for name, columns in relevance.items()}
     num_relevant = {name: _num_relevant(group) for name, group in groups.items()}
     searched = torch.nonzero(torch.stack([n > 0 for n in num_relevant.values()]).any(dim=0)).squeeze(1)
-    neighbours = torch.full((emb.shape[0], max(0, min(max(ks), emb.shape[0] - 1))), -1, dtype=torch.long, device=emb.device)
+    neighbours = torch.full(
+        (emb.shape[0], max(0, min(max(ks), emb.shape[0] - 1))), -1, dtype=torch.long, device=emb.device
+    )
     neighbours[searched] = nearest_neighbours(emb, searched, neighbours.shape[1], chunk_size)
 
     out: dict[str, dict[str, torch.Tensor]] = {}

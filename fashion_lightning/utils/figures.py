@@ -7,7 +7,7 @@ requests, so evaluation plots, EDA charts and recommendation galleries all use t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -15,7 +15,13 @@ from matplotlib.figure import Figure
 from fashion_lightning.utils.atomic import atomic_path
 
 
-def new_figure(width: float, height: float, *, dpi: float | None = None, layout: str | None = None) -> Figure:
+def new_figure(
+    width: float,
+    height: float,
+    *,
+    dpi: float | None = None,
+    layout: Literal["constrained", "compressed", "tight"] | None = None,
+) -> Figure:
     """A ``width`` x ``height`` inch Figure with its own Agg canvas."""
     fig = Figure(figsize=(width, height), dpi=dpi, layout=layout)
     FigureCanvasAgg(fig)

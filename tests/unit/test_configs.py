@@ -56,9 +56,11 @@ def _recipe_overrides(group: str, name: str, synthetic_root: Path) -> list[str]:
 
 
 def _all_cases() -> list[tuple[str, str]]:
-    return [("experiment", n) for n in EXPERIMENTS] + [("debug", n) for n in DEBUGS] + [
-        ("hparams_search", n) for n in SEARCHES
-    ]
+    return (
+        [("experiment", n) for n in EXPERIMENTS]
+        + [("debug", n) for n in DEBUGS]
+        + [("hparams_search", n) for n in SEARCHES]
+    )
 
 
 def test_the_case_list_is_complete():
@@ -110,7 +112,9 @@ def no_downloads(monkeypatch):
 
     asked: list[str] = []
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(timm_builder, "load_pretrained", lambda model, **kw: asked.append(f"timm:{type(model).__name__}"))
+    monkeypatch.setattr(
+        timm_builder, "load_pretrained", lambda model, **kw: asked.append(f"timm:{type(model).__name__}")
+    )
     monkeypatch.setattr(clip_factory, "download_pretrained", lambda cfg, **kw: asked.append("open_clip") or "mocked.pt")
     monkeypatch.setattr(clip_factory, "load_checkpoint", lambda model, path, **kw: asked.append(f"load:{path}") or {})
     return asked

@@ -62,8 +62,16 @@ def _run(out: Path, devices: int) -> dict:
         strict_columns=("articleType", "baseColour"), plot_every_n_val_epochs=0,
     )  # fmt: skip
     kwargs = {"strategy": "ddp_spawn"} if devices > 1 else {}
-    trainer = L.Trainer(accelerator="cpu", devices=devices, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback], **kwargs)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+        **kwargs,
+    )
     trainer.test(TinyModule())
     return json.loads((out / "metrics.json").read_text())
 
@@ -73,7 +81,12 @@ def test_two_process_gather_equals_one_process(tmp_path):
     single = _run(tmp_path / "one", devices=1)
     double = _run(tmp_path / "two", devices=2)
     keys = {k for k in single if not k.endswith(("/epoch", "/global_step"))}
-    assert {"test/acc/articleType", "test/f1/baseColour", "test/retrieval/map@5", "test/retrieval_strict/ndcg@5"} <= keys
+    assert {
+        "test/acc/articleType",
+        "test/f1/baseColour",
+        "test/retrieval/map@5",
+        "test/retrieval_strict/ndcg@5",
+    } <= keys
     assert keys == {k for k in double if not k.endswith(("/epoch", "/global_step"))}
     for key in sorted(keys):
         assert double[key] == pytest.approx(single[key], abs=1e-6), key

@@ -41,7 +41,9 @@ def brute_force(embeddings: torch.Tensor, labels: torch.Tensor, ks, columns) -> 
             hits = sum(rel)
             sums[f"precision@{k}"] += hits / k
             sums[f"hit_rate@{k}"] += float(hits > 0)
-            sums[f"map@{k}"] += sum(sum(rel[: r + 1]) / (r + 1) * rel[r] for r in range(len(rel))) / min(k, len(relevant))
+            sums[f"map@{k}"] += sum(sum(rel[: r + 1]) / (r + 1) * rel[r] for r in range(len(rel))) / min(
+                k, len(relevant)
+            )
             dcg = sum(g / math.log2(r + 2) for r, g in enumerate(rel))
             ideal = sum(1 / math.log2(r + 2) for r in range(min(k, len(relevant))))
             sums[f"ndcg@{k}"] += dcg / ideal
