@@ -10,16 +10,18 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from rich.console import Console
 
-from fashion_lightning.models.base import load_module
 from fashion_lightning.retrieval.manifest import IndexParams
 from fashion_lightning.retrieval.predict_writer import IndexPredictionWriter
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
 from fashion_lightning.utils.task_wrapper import task_wrapper
+from fashion_lightning.models.base import CheckpointError, load_module
+from fashion_lightning.utils.config_check import check_config, one_line_errors
 
 
 @task_wrapper
 def build(cfg: DictConfig) -> Path:
     """Returns the index folder."""
+    check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     ckpt = str(Path(cfg.ckpt_path).expanduser().resolve())
     module = load_module(ckpt)
@@ -47,7 +49,8 @@ def build(cfg: DictConfig) -> Path:
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="index")
 def main(cfg: DictConfig) -> None:
     quiet_runtime()
-    build(cfg)
+    with one_line_errors(CheckpointError, FileNotFoundError):
+        build(cfg)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from fashion_lightning.data.dataset import FashionDataset, seed_worker_transform
 from fashion_lightning.data.image_cache import ImageCache, attach_images, build_image_cache
 from fashion_lightning.data.images import NATIVE_HW
 from fashion_lightning.data.schema import ALL_TASKS, TASKS
+from fashion_lightning.data.sampling import EpochShuffleSampler
 from fashion_lightning.data.splits import SPLITS, load_splits, save_splits, stratified_split
 from fashion_lightning.data.vocab import LabelVocabs
 
@@ -89,6 +90,7 @@ class FashionDataModule(L.LightningDataModule):
         self.frames: dict[str, pd.DataFrame] = {}
         self.class_weights: dict[str, Any] = {}
         self.datasets: dict[str, FashionDataset] = {}
+        self.epoch = 0  # the train epoch EpochShuffleSampler shuffles by (set by the EpochSeed callback)
 
     # -- preparation ----------------------------------------------------------------------
     def catalog_root(self) -> Path:
@@ -187,7 +189,7 @@ class FashionDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=batch,
-            shuffle=train,
+            sampler=EpochShuffleSampler(len(dataset), self.hparams.split_seed, self) if train else None,
             drop_last=train and len(dataset) > batch,
             num_workers=workers,
             pin_memory=self.hparams.pin_memory,

@@ -19,8 +19,20 @@ PAD_VALUE = 255  # catalog photos sit on white; letterbox bars blend in
 _CENTRE = (0.5 - 1e-7, 0.5 - 1e-7)  # floor((W - w) / 2) for any margin below 5e6 pixels
 
 
+CORRUPT = "corrupt_image (cannot be decoded)"
+TOO_LARGE = "image_too_large (decompression bomb)"
+
+
 class ImageDecodeError(ValueError):
-    """Raised when bytes are not a decodable image (with the reason)."""
+    """Bytes that are not a decodable image, or one over PIL's pixel limit (``reason`` says which).
+
+    The one error type every caller catches: the image cache drops and counts the item by
+    ``reason``; query photos (recommend / serve) turn it into a user error.
+    """
+
+    def __init__(self, message: str, reason: str = CORRUPT) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def open_image(data: bytes | str | Path) -> Image.Image:
@@ -30,7 +42,9 @@ def open_image(data: bytes | str | Path) -> Image.Image:
             data = Path(data).read_bytes()
         img = Image.open(io.BytesIO(data))
         img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except Image.DecompressionBombError as err:  # a few KB of PNG can claim gigapixels
+        raise ImageDecodeError(f"image too large to decode safely ({err})", TOO_LARGE) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
         raise ImageDecodeError(f"not a decodable image ({type(err).__name__}: {err})") from err
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16/32-bit and float greyscale

@@ -30,9 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -44,6 +41,7 @@ from PIL import Image
 
 from fashion_lightning.data.schema import STYLES_HEADER
 from fashion_lightning.data.synthetic_draw import COLOURS, jpeg_bytes, render
+from fashion_lightning.utils.atomic import atomic_dir
 
 logger = logging.getLogger("fashion_lightning.data.synthetic")
 
@@ -322,18 +320,12 @@ def ensure_synthetic_catalog(cache_dir: Path, num_items: int, seed: int = 0) -> 
     if (target / "styles.csv").is_file():
         logger.debug("Using cached synthetic catalog %s", target)
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it owner-only; the cache may be shared
     try:
-        generate_synthetic_catalog(tmp, num_items=num_items, seed=seed)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "styles.csv").is_file():
-                raise
-            logger.info("Synthetic catalog %s was generated concurrently; using that one", target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(target, prefix=f".{target.name}.tmp-") as tmp:
+            generate_synthetic_catalog(tmp, num_items=num_items, seed=seed)
+    except FileExistsError:
+        if not (target / "styles.csv").is_file():
+            raise
+        logger.info("Synthetic catalog %s was generated concurrently; using that one", target)
     logger.info("Synthetic catalog ready at %s", target)
     return target

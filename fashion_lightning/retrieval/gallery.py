@@ -39,6 +39,9 @@ def render_gallery(
     describes (its text, the query item's photo, or the most recent liked items' photos).
     Size is deterministic: ``columns x rows`` panels of ``PANEL_INCHES`` at ``dpi``.
     """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # only galleries pay matplotlib's import
+    from matplotlib.figure import Figure
+
     panels = 1 + len(result.results)
     cols = max(1, min(columns, panels))
     rows = math.ceil(panels / cols)

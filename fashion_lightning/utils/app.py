@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
-
-import torch
 
 CONFIG_PATH = "pkg://fashion_lightning.conf"
 VERSION_BASE = "1.3"
@@ -15,9 +14,14 @@ log = logging.getLogger("fashion_lightning")
 
 
 def quiet_runtime() -> None:
-    """Sensible process defaults for CLI runs: offline HF hub, fewer noisy warnings."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    """Sensible process defaults for CLI runs: fewer noisy warnings, no tokenizer thread fan-out.
+
+    The HF hub is NOT forced offline here: ``pretrained=true`` recipes download on networked
+    machines; the packaged offline weights set ``HF_HUB_OFFLINE`` themselves where they load.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*is not writable.*")
-    torch.set_float32_matmul_precision("high")
+    torch = sys.modules.get("torch")  # id/history queries never import torch (start-up time); model apps have
+    if torch is not None:
+        torch.set_float32_matmul_precision("high")

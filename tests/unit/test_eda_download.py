@@ -180,3 +180,46 @@ def test_download_app_prints_the_next_command(fake_kaggle: list, tmp_path: Path)
     assert f"fashion-train data=kaggle data.root={root}" in buffer.getvalue()
     assert json.loads((tmp_path / "run" / "download.json").read_text())["root"] == str(root)
     assert download_module.DEFAULT_HANDLE == cfg.handle
+
+
+# -- download never deletes user data (issue 8, item 2) ---------------------------------------
+def test_download_never_replaces_a_users_file(fake_kaggle: list, tmp_path: Path):
+    target = tmp_path / "notes.txt"
+    target.write_text("my notes")
+    with pytest.raises(FileExistsError, match="a file"):
+        download_dataset(target_dir=target)
+    assert target.read_text() == "my notes" and fake_kaggle == []
+
+
+def test_download_fills_an_empty_folder(fake_kaggle: list, tmp_path: Path):
+    target = tmp_path / "empty"
+    target.mkdir()
+    assert download_dataset(target_dir=target) == target and CatalogSource(target).image_ids
+
+
+@pytest.mark.parametrize("mode", ["copy", "link"])
+def test_download_force_moves_the_old_target_aside(fake_kaggle: list, tmp_path: Path, mode: str, caplog):
+    target = tmp_path / "data"
+    target.mkdir()
+    (target / "mine.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="force=true to move it aside"):
+        download_dataset(target_dir=target, mode=mode)
+    with caplog.at_level("WARNING"):
+        assert download_dataset(target_dir=target, mode=mode, force=True) == target
+    assert CatalogSource(target).image_ids
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("data.old-")]
+    assert len(aside) == 1 and (aside[0] / "mine.txt").read_text() == "keep me"
+    assert str(aside[0]) in caplog.text  # said so
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_interrupted_copy_leaves_the_target_alone(fake_kaggle: list, tmp_path: Path, monkeypatch):
+    target = tmp_path / "data"
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(download_module.shutil, "copytree", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        download_dataset(target_dir=target)
+    assert not target.exists() and list(tmp_path.iterdir()) == []
