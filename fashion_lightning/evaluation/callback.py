@@ -30,7 +30,7 @@ from fashion_lightning.data.schema import IGNORE_INDEX, UNKNOWN
 from fashion_lightning.evaluation.plots import confusion_matrix_figure, pca_scatter_figure, save_figure
 from fashion_lightning.evaluation.retrieval import retrieval_metrics_by_relevance
 from fashion_lightning.utils.reporting import update_json
-from fashion_lightning.utils.sampling import seeded_subsample
+from fashion_lightning.utils.subsample import seeded_subsample
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from fashion_lightning.utils.figures import new_figure as _new_figure
 from fashion_lightning.utils.figures import save_figure as _save_figure
-from fashion_lightning.utils.sampling import seeded_subsample
+from fashion_lightning.utils.subsample import seeded_subsample
 
 OTHER = "Other"
 _ANNOTATE_MAX_CLASSES = 15  # beyond this, per-cell numbers are unreadable

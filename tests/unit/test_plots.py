@@ -6,7 +6,7 @@ import torch
 
 from fashion_lightning.evaluation.plots import pca_2d, pca_scatter_figure
 from fashion_lightning.utils.figures import new_figure, save_figure
-from fashion_lightning.utils.sampling import seeded_subsample
+from fashion_lightning.utils.subsample import seeded_subsample
 
 
 def test_pca_finds_the_main_axis_and_its_variance_share():
