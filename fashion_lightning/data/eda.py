@@ -16,7 +16,7 @@ read as missing. Figures come from :mod:`fashion_lightning.utils.figures` (Agg c
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -317,7 +317,9 @@ def _cut(text: str, limit: int = 400) -> str:
     return text if len(text) <= limit else text[:limit] + " ... (full text in data_report.json)"
 
 
-def _counts(counts: dict[str, int], name: str, examples: dict[str, list[int]] | None = None) -> pd.DataFrame:
+def _counts(
+    counts: dict[str, int], name: str, examples: Mapping[str, Sequence[int | str]] | None = None
+) -> pd.DataFrame:
     frame = pd.DataFrame({"rows": list(counts.values())}, index=pd.Index(list(counts), name=name))
     if examples is not None:
         frame["example ids"] = [", ".join(map(str, examples.get(k, [])[:10])) for k in counts]

@@ -17,7 +17,6 @@ from rich.table import Table
 from fashion_lightning.data.images import NATIVE_HW
 from fashion_lightning.retrieval.explain import shared_summary
 from fashion_lightning.retrieval.recommender import ImageLike, QueryError, RecommendationResult, decode_query_image
-from fashion_lightning.utils.figures import new_figure, save_figure
 
 ImageLoader = Callable[[int], np.ndarray]
 PANEL_INCHES = (1.9, 3.0)  # width, height of one query/result panel
@@ -39,8 +38,7 @@ def render_gallery(
     describes (its text, the query item's photo, or the most recent liked items' photos).
     Size is deterministic: ``columns x rows`` panels of ``PANEL_INCHES`` at ``dpi``.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # only galleries pay matplotlib's import
-    from matplotlib.figure import Figure
+    from fashion_lightning.utils.figures import new_figure, save_figure  # only galleries pay matplotlib's import
 
     panels = 1 + len(result.results)
     cols = max(1, min(columns, panels))
