@@ -18,6 +18,7 @@ from fashion_lightning.data.download import DownloadError, download_dataset, nex
 from fashion_lightning.data.source import CatalogNotFoundError
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
 from fashion_lightning.utils.reporting import update_json
+from fashion_lightning.utils.config_check import ConfigError
 from fashion_lightning.utils.task_wrapper import task_wrapper
 
 
@@ -37,7 +38,7 @@ def main(cfg: DictConfig) -> None:
     quiet_runtime()
     try:
         download(cfg)
-    except (DownloadError, CatalogNotFoundError, FileExistsError) as err:
+    except (ConfigError, DownloadError, CatalogNotFoundError, FileExistsError) as err:
         log.error("%s", err)
         sys.exit(1)
 

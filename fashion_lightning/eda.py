@@ -18,12 +18,11 @@ from rich.table import Table
 from fashion_lightning.data.eda import EdaResult, run_eda
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
 from fashion_lightning.utils.task_wrapper import task_wrapper
-from fashion_lightning.utils.config_check import check_config, one_line_errors
+from fashion_lightning.utils.config_check import one_line_errors
 
 
 @task_wrapper
 def eda(cfg: DictConfig) -> EdaResult:
-    check_config(cfg, nodes=("data",))
     datamodule = instantiate(cfg.data)  # writes data_report.json, splits.csv, vocab.json into the run dir
     title = "Synthetic catalog" if not cfg.data.get("root") else "Kaggle catalog"
     result = run_eda(datamodule, cfg.paths.output_dir, list(cfg.attributes), int(cfg.top_n), title=title)

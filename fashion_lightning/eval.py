@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from fashion_lightning.models.base import CheckpointError, load_module
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
-from fashion_lightning.utils.config_check import check_config, one_line_errors
+from fashion_lightning.utils.config_check import one_line_errors
 from fashion_lightning.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from fashion_lightning.utils.reporting import print_summary, update_json
 from fashion_lightning.utils.task_wrapper import task_wrapper
@@ -22,7 +22,6 @@ from fashion_lightning.utils.run_dir import claim_run_dir
 
 @task_wrapper
 def evaluate(cfg: DictConfig) -> dict:
-    check_config(cfg)
     claim_run_dir(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
     module = load_module(cfg.ckpt_path)

@@ -15,13 +15,12 @@ from fashion_lightning.retrieval.predict_writer import IndexPredictionWriter
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
 from fashion_lightning.utils.task_wrapper import task_wrapper
 from fashion_lightning.models.base import CheckpointError, load_module
-from fashion_lightning.utils.config_check import check_config, one_line_errors
+from fashion_lightning.utils.config_check import one_line_errors
 
 
 @task_wrapper
 def build(cfg: DictConfig) -> Path:
     """Returns the index folder."""
-    check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     ckpt = str(Path(cfg.ckpt_path).expanduser().resolve())
     module = load_module(ckpt)

@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fashion_lightning.models.base import CheckpointError, read_checkpoint
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
-from fashion_lightning.utils.config_check import check_config, one_line_errors
+from fashion_lightning.utils.config_check import one_line_errors
 from fashion_lightning.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from fashion_lightning.utils.reporting import print_summary, update_json
 from fashion_lightning.utils.task_wrapper import task_wrapper
@@ -19,7 +19,6 @@ from fashion_lightning.utils.run_dir import claim_run_dir, run_dir_of
 @task_wrapper
 def train(cfg: DictConfig) -> dict[str, float]:
     """Returns the final metrics (also in ``<run dir>/metrics.json``)."""
-    check_config(cfg)
     resume_vocabs = None
     if cfg.get("ckpt_path"):  # resuming: keep the checkpoint's label space, continue in its run dir
         resume_vocabs = read_checkpoint(cfg.ckpt_path)["hyper_parameters"]["vocabs"]

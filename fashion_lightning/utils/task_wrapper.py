@@ -2,7 +2,9 @@
 
 ``@task_wrapper`` on an app's task function ``f(cfg)``:
 
-* runs :func:`extras` first: the resolved config tree saved as ``config_tree.txt`` in the run dir
+* checks the config first (:func:`~fashion_lightning.utils.config_check.check_config`: missing
+  values, wrong types), so a bad command line fails before anything is written or loaded;
+* then runs :func:`extras`: the resolved config tree saved as ``config_tree.txt`` in the run dir
   (and printed with rich), tags enforced, warnings silenced on request;
 * on failure, logs the exception and the run dir, and writes ``FAILED.txt`` (exception + traceback)
   into the run dir, so a failed job of a sweep is visible without reading its log; then re-raises;
@@ -17,6 +19,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import os
 import sys
 import traceback
 import warnings
@@ -25,13 +28,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only  # lightning sets .rank; light to import
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.syntax import Syntax
 from rich.tree import Tree
 
 from fashion_lightning.utils.atomic import atomic_write_text
+from fashion_lightning.utils.config_check import check_config
 
 log = logging.getLogger("fashion_lightning")
 
@@ -51,8 +55,14 @@ def _output_dir(cfg: DictConfig) -> Path | None:
     return Path(out) if out else None
 
 
+def _rank() -> int:
+    """This process's global rank: Lightning's once it is imported, else the launcher's environment."""
+    rank = getattr(rank_zero_only, "rank", None)
+    return int(rank if rank is not None else os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+
+
 def _rank_suffix() -> str:
-    rank = getattr(rank_zero_only, "rank", 0) or 0
+    rank = _rank()
     return "" if rank == 0 else f".rank{rank}"
 
 
@@ -61,6 +71,7 @@ def task_wrapper(task: Callable[..., R]) -> Callable[..., R]:
 
     @functools.wraps(task)
     def wrapped(cfg: DictConfig, *args: Any, **kwargs: Any) -> R:
+        check_config(cfg)  # before the try: a config error has no run to mark as failed
         try:
             extras(cfg)
             return task(cfg, *args, **kwargs)
@@ -162,9 +173,10 @@ def _branch_text(cfg: DictConfig, name: str) -> str:
         return OmegaConf.to_yaml(value, resolve=False)
 
 
-@rank_zero_only
 def print_config_tree(cfg: DictConfig, print_it: bool = True, save: bool = True) -> Path | None:
-    """Print the resolved config tree with rich and save it as ``config_tree.txt`` in the run dir."""
+    """Print the resolved config tree with rich and save it as ``config_tree.txt`` in the run dir (rank 0)."""
+    if _rank() != 0:
+        return None
     tree = config_tree(cfg)
     if print_it:
         Console().print(tree)

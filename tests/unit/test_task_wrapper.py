@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import sys
 import types
 from pathlib import Path
@@ -9,15 +10,17 @@ from pathlib import Path
 import pytest
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
+from rich.console import Console
 
-from fashion_lightning.utils.task_wrapper import CONFIG_TREE, FAILURE_MARKER, enforce_tags, task_wrapper
+from fashion_lightning.utils.config_check import ConfigError
+from fashion_lightning.utils.task_wrapper import CONFIG_TREE, FAILURE_MARKER, config_tree, enforce_tags, task_wrapper
 from hydra_helpers import make_cfg
 
 
 def _cfg(tmp_path: Path, **extras):
     return OmegaConf.create({
         "task_name": "unit", "tags": ["t"], "paths": {"output_dir": str(tmp_path / "run")},
-        "data": {"batch_size": 4, "root": "${paths.output_dir}"}, "index_dir": "???",
+        "data": {"batch_size": 4, "root": "${paths.output_dir}"},
         "extras": {"enforce_tags": True, "print_config": False, "save_config": True, **extras},
     })  # fmt: skip
 
@@ -28,8 +31,19 @@ def test_config_tree_is_saved_resolved_and_the_task_runs(tmp_path):
     assert result == "done" and calls == [3]
     text = (tmp_path / "run" / CONFIG_TREE).read_text()
     assert "batch_size: 4" in text and f"root: {tmp_path / 'run'}" in text  # resolved
-    assert "index_dir" in text and "???" in text  # a mandatory value does not break the tree
     assert text.index("data") < text.index("paths") < text.index("task_name")  # PRINT_ORDER first
+
+
+def test_a_config_error_fails_before_anything_is_written(tmp_path):
+    cfg = _cfg(tmp_path)
+    cfg.index_dir = "???"
+    with pytest.raises(ConfigError, match="missing value for index_dir"):
+        task_wrapper(lambda cfg: pytest.fail("the task must not run"))(cfg)
+    assert not (tmp_path / "run").exists()  # no config tree, no FAILED marker: nothing ran
+    console = Console(record=True, width=120, file=io.StringIO())
+    console.print(config_tree(cfg))
+    text = console.export_text()
+    assert "index_dir" in text and "???" in text  # the tree still renders a mandatory value
 
 
 def test_failure_is_logged_marked_and_reraised(tmp_path, caplog):
