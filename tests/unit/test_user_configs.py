@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from hydra_helpers import make_cfg
 
 MINE = """\
@@ -49,6 +50,7 @@ def test_searchpath_adds_an_experiment_and_a_group_option(tmp_path, cache_dir):
     assert cfg.data._target_.endswith("FashionDataModule") and cfg.data.num_items == 200
 
 
+@pytest.mark.slow
 def test_searchpath_through_the_console_entry_point(tmp_path):
     folder = _my_configs(tmp_path)
     env = {**os.environ, "FASHION_LIGHTNING_CACHE": str(tmp_path / "cache")}
