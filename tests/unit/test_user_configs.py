@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from hydra_helpers import make_cfg
 
 MINE = """\
