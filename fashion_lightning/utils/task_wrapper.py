@@ -124,7 +124,7 @@ def extras(cfg: DictConfig) -> None:
 
 def enforce_tags(cfg: DictConfig) -> None:
     """Every run carries tags (they name W&B runs and sweep rows). Non-interactive, unlike the template's
-    prompt: a multirun without tags is refused; a single run gets ``[<task_name>]`` and a warning."""
+    prompt: a multirun without tags is refused; a single run gets ``[<task_name>]`` (logged)."""
     tags = cfg.get("tags")
     if tags:
         if isinstance(tags, str) or not all(isinstance(t, str) and t for t in tags):
@@ -133,7 +133,7 @@ def enforce_tags(cfg: DictConfig) -> None:
     if _is_multirun():
         raise ValueError("a multirun needs tags: add e.g. 'tags=[lr_sweep]' to the command line")
     default = [str(cfg.get("task_name") or "run")]
-    log.warning("no tags given: tagging this run %s (set e.g. tags=[baseline])", default)
+    log.info("no tags given: tagging this run %s (set e.g. tags=[baseline])", default)
     with open_dict(cfg):
         cfg.tags = default
 
