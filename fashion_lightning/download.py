@@ -17,8 +17,8 @@ from rich.console import Console
 from fashion_lightning.data.download import DownloadError, download_dataset, next_commands
 from fashion_lightning.data.source import CatalogNotFoundError
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
-from fashion_lightning.utils.reporting import update_json
 from fashion_lightning.utils.config_check import ConfigError
+from fashion_lightning.utils.reporting import update_json
 from fashion_lightning.utils.task_wrapper import task_wrapper
 
 

@@ -17,8 +17,8 @@ from rich.table import Table
 
 from fashion_lightning.data.eda import EdaResult, run_eda
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
-from fashion_lightning.utils.task_wrapper import task_wrapper
 from fashion_lightning.utils.config_check import one_line_errors
+from fashion_lightning.utils.task_wrapper import task_wrapper
 
 
 @task_wrapper

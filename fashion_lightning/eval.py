@@ -17,12 +17,10 @@ from fashion_lightning.utils.config_check import one_line_errors
 from fashion_lightning.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from fashion_lightning.utils.reporting import print_summary, update_json
 from fashion_lightning.utils.task_wrapper import task_wrapper
-from fashion_lightning.utils.run_dir import claim_run_dir
 
 
 @task_wrapper
 def evaluate(cfg: DictConfig) -> dict:
-    claim_run_dir(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
     module = load_module(cfg.ckpt_path)
     datamodule = instantiate(cfg.data, vocabs=module.vocabs.to_dict(), tasks=module.vocabs.tasks)

@@ -10,12 +10,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from rich.console import Console
 
+from fashion_lightning.models.base import CheckpointError, load_module
 from fashion_lightning.retrieval.manifest import IndexParams
 from fashion_lightning.retrieval.predict_writer import IndexPredictionWriter
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
-from fashion_lightning.utils.task_wrapper import task_wrapper
-from fashion_lightning.models.base import CheckpointError, load_module
 from fashion_lightning.utils.config_check import one_line_errors
+from fashion_lightning.utils.task_wrapper import task_wrapper
 
 
 @task_wrapper

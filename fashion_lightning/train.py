@@ -12,8 +12,8 @@ from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_ru
 from fashion_lightning.utils.config_check import one_line_errors
 from fashion_lightning.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from fashion_lightning.utils.reporting import print_summary, update_json
-from fashion_lightning.utils.task_wrapper import task_wrapper
 from fashion_lightning.utils.run_dir import claim_run_dir, run_dir_of
+from fashion_lightning.utils.task_wrapper import task_wrapper
 
 
 @task_wrapper

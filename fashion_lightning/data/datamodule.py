@@ -90,7 +90,7 @@ class FashionDataModule(L.LightningDataModule):
         self.frames: dict[str, pd.DataFrame] = {}
         self.class_weights: dict[str, Any] = {}
         self.datasets: dict[str, FashionDataset] = {}
-        self.epoch = 0  # the train epoch EpochShuffleSampler shuffles by (set by the EpochSeed callback)
+        self.epoch = 0  # the epoch the next train pass shuffles by (EpochShuffleSampler; set by EpochSeed)
 
     # -- preparation ----------------------------------------------------------------------
     def catalog_root(self) -> Path:

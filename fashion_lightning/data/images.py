@@ -42,8 +42,8 @@ def open_image(data: bytes | str | Path) -> Image.Image:
             data = Path(data).read_bytes()
         img = Image.open(io.BytesIO(data))
         img.load()
-    except Image.DecompressionBombError as err:  # a few KB of PNG can claim gigapixels
-        raise ImageDecodeError(f"image too large to decode safely ({err})", TOO_LARGE) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:  # a few KB can claim gigapixels
+        raise ImageDecodeError(f"image too large to decode safely ({err})", TOO_LARGE) from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
         raise ImageDecodeError(f"not a decodable image ({type(err).__name__}: {err})") from err
     img = ImageOps.exif_transpose(img)

@@ -3,7 +3,7 @@
 A plain ``shuffle=True`` draws its order from the global RNG when the loader's iterator is made;
 Lightning makes the first epoch's iterator of every launch early (before any epoch hook), so a
 run resumed at epoch N would shuffle from a different RNG state than the uninterrupted run did.
-:class:`EpochShuffleSampler` reads the epoch from a holder the :class:`~fashion_lightning.utils.run_dir.EpochSeed`
+:class:`EpochShuffleSampler` reads the epoch from a holder the :class:`~fashion_lightning.utils.epoch_seed.EpochSeed`
 callback sets before that happens, and passes the epoch's seed along with each index, so the
 dataset reseeds its augmentation once per epoch and worker (:meth:`FashionDataset.__getitem__`).
 """
@@ -29,7 +29,11 @@ class HasEpoch(Protocol):
 
 
 class EpochShuffleSampler(Sampler[tuple[int, int]]):
-    """Yields ``(index, epoch_seed)`` in a permutation fixed by (seed, ``holder.epoch``)."""
+    """Yields ``(index, epoch_seed)`` in a permutation fixed by (seed, ``holder.epoch``).
+
+    ``holder.epoch`` is the epoch the next pass shuffles by; each pass advances it, and Lightning
+    (``set_epoch``) and the EpochSeed callback set it before the passes they start.
+    """
 
     def __init__(self, size: int, seed: int, holder: HasEpoch) -> None:
         self.size, self.seed, self.holder = int(size), int(seed), holder
@@ -42,7 +46,9 @@ class EpochShuffleSampler(Sampler[tuple[int, int]]):
         self.holder.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        value = epoch_seed(self.seed, getattr(self.holder, "epoch", 0))
+        epoch = int(getattr(self.holder, "epoch", 0))
+        self.holder.epoch = epoch + 1  # plain loops over the loader (no trainer) get a new order each pass
+        value = epoch_seed(self.seed, epoch)
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(value))
         for index in order.tolist():
             yield index, value

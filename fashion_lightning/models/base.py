@@ -105,6 +105,20 @@ def _inside_package(path: object) -> bool:
     return isinstance(path, str) and (path == PACKAGE or path.startswith(PACKAGE + "."))
 
 
+def _allowed_target(path: object) -> bool:
+    """A hparams ``_target_`` Hydra may build: ours, or a torch optimizer / LR scheduler class
+    (``model.optimizer._target_=torch.optim.SGD``); resolved by attribute, nothing else imported."""
+    if _inside_package(path):
+        return True
+    if not isinstance(path, str):
+        return False
+    module_path, _, name = path.rpartition(".")
+    if module_path not in ("torch.optim", "torch.optim.lr_scheduler"):
+        return False
+    obj = getattr(importlib.import_module(module_path), name, None)
+    return isinstance(obj, type) and issubclass(obj, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler))
+
+
 def _targets(value: Any) -> Iterator[Any]:
     """Every ``_target_`` value in a nested hparams structure (Hydra instantiates these)."""
     if isinstance(value, Mapping):
@@ -124,7 +138,8 @@ def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
     ``torch.load(weights_only=True)`` unpickles only tensors and plain containers, so a crafted
     ``__reduce__`` never runs. The module class and every ``_target_`` in the saved hparams must
     live in ``fashion_lightning`` (checked here, before anything is imported); timm / open_clip
-    model names are plain strings and are not affected.
+    model names are plain strings and are not affected; torch.optim optimizer and LR scheduler classes
+    are the one outside family a ``_target_`` may name.
     """
     try:
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -147,9 +162,10 @@ def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
             f"refusing to load checkpoint {ckpt_path}: its module class {cls_path!r} is not inside {PACKAGE}"
         )
     for target in _targets(checkpoint.get("hyper_parameters", {})):
-        if not _inside_package(target):
+        if not _allowed_target(target):
             raise UnsafeCheckpointError(
-                f"refusing to load checkpoint {ckpt_path}: its hparams name _target_ {target!r}, not inside {PACKAGE}"
+                f"refusing to load checkpoint {ckpt_path}: its hparams name _target_ {target!r}, "
+                f"not inside {PACKAGE} (nor a torch.optim optimizer / LR scheduler)"
             )
     return checkpoint
 

@@ -5,22 +5,15 @@ other's checkpoints (different label spaces side by side). :func:`claim_run_dir`
 dir that already holds another run's artefacts, unless the run resumes from a checkpoint inside it.
 
 Resuming continues in the checkpoint's own run dir (:func:`run_dir_of`), so Lightning's
-ModelCheckpoint keeps its best-model tracking (it resets it when the dir changes), and
-:class:`EpochSeed` makes every epoch's randomness (shuffle, augmentation, dropout) a function of
-(seed, epoch) alone, so a run resumed from the end of epoch N draws exactly what an uninterrupted
-run draws from epoch N+1.
+ModelCheckpoint keeps its best-model tracking (it resets it when the dir changes); see
+:mod:`fashion_lightning.utils.epoch_seed` for why the resumed run then equals the uninterrupted one.
+Imports nothing heavy: every app's task wrapper calls :func:`claim_run_dir`.
 """
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
-import lightning as L
-import numpy as np
-import torch
-
-from fashion_lightning.data.sampling import epoch_seed
 from fashion_lightning.utils.config_check import ConfigError
 
 # what a train / eval / eda run leaves in its run dir (Hydra's own .hydra/ and <task>.log are not artefacts)
@@ -56,35 +49,3 @@ def claim_run_dir(output_dir: str | Path, resume_from: str | Path | None = None)
         f"run dir {out} already holds another run's artefacts ({', '.join(found)}); use a new run dir "
         "(the default hydra.run.dir gives each run its own), or resume from a checkpoint inside it with ckpt_path=..."
     )
-
-
-class EpochSeed(L.Callback):
-    """Make every train epoch's randomness a function of (seed, epoch): resume is then exact on CPU.
-
-    Sets the epoch the datamodule's :class:`~fashion_lightning.data.sampling.EpochShuffleSampler`
-    shuffles by (at fit start too: Lightning creates the first epoch's loader iterator of a launch
-    before any epoch hook), and reseeds torch / numpy / random at the first batch of each epoch
-    (dropout and anything else drawn from the global generators in the training step).
-    """
-
-    def __init__(self, seed: int = 0) -> None:
-        self.seed = int(seed)
-
-    @staticmethod
-    def _set_epoch(trainer: L.Trainer) -> None:
-        datamodule = trainer.datamodule
-        if datamodule is not None and hasattr(datamodule, "epoch"):
-            datamodule.epoch = trainer.current_epoch
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._set_epoch(trainer)
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._set_epoch(trainer)
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
-        if batch_idx == 0:
-            value = epoch_seed(self.seed + 1, trainer.current_epoch)
-            random.seed(value)
-            np.random.seed(value)
-            torch.manual_seed(value)

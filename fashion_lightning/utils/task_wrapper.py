@@ -36,6 +36,7 @@ from rich.tree import Tree
 
 from fashion_lightning.utils.atomic import atomic_write_text
 from fashion_lightning.utils.config_check import check_config
+from fashion_lightning.utils.run_dir import claim_run_dir
 
 log = logging.getLogger("fashion_lightning")
 
@@ -72,6 +73,9 @@ def task_wrapper(task: Callable[..., R]) -> Callable[..., R]:
     @functools.wraps(task)
     def wrapped(cfg: DictConfig, *args: Any, **kwargs: Any) -> R:
         check_config(cfg)  # before the try: a config error has no run to mark as failed
+        out = _output_dir(cfg)
+        if out is not None:  # nor a run dir that holds another run's files: nothing is written into it
+            claim_run_dir(out, cfg.get("ckpt_path"))
         try:
             extras(cfg)
             return task(cfg, *args, **kwargs)

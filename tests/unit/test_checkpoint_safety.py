@@ -128,3 +128,16 @@ def test_apps_refuse_a_hostile_checkpoint_before_loading_data(app, tmp_path) -> 
     with pytest.raises(UnsafeCheckpointError, match=r"evil\.ckpt"):
         getattr(importlib.import_module(module), name)(cfg)
     assert not marker.exists() and not (tmp_path / "cache").exists()
+
+
+def test_torch_optimizer_targets_are_allowed_lookalikes_are_not(tmp_path) -> None:
+    checkpoint = torch.load(real_checkpoint(tmp_path / "ok.ckpt"), weights_only=True)
+    checkpoint["hyper_parameters"]["optimizer"] = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1}
+    checkpoint["hyper_parameters"]["scheduler"] = {"_target_": "torch.optim.lr_scheduler.StepLR", "step_size": 1}
+    torch.save(checkpoint, tmp_path / "sgd.ckpt")
+    read_checkpoint(tmp_path / "sgd.ckpt")
+    for target in ("torch.optim.Optimizer.__init__", "torch.optim.os.system", "torch.load", "torch.optim.lr_scheduler.warnings.warn"):
+        checkpoint["hyper_parameters"]["optimizer"] = {"_target_": target}
+        torch.save(checkpoint, tmp_path / "bad.ckpt")
+        with pytest.raises(UnsafeCheckpointError, match="_target_"):
+            read_checkpoint(tmp_path / "bad.ckpt")
