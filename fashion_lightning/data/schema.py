@@ -73,4 +73,3 @@ def register_resolvers() -> None:
     """Register the ``schema`` OmegaConf resolver (idempotent; the package's ``__init__`` calls it)."""
     if not OmegaConf.has_resolver("schema"):
         OmegaConf.register_new_resolver("schema", schema_value)
-
