@@ -233,7 +233,7 @@ def verified_checkpoint(model: Mapping[str, Any], root: Path, checksum: bool = T
         raise IndexIntegrityError(
             f"{root / MANIFEST_FILE}: names checkpoint {path} without its size and sha256; rebuild the index"
         )
-    verify_file(path, record, checksum, listed_in=f"{root / MANIFEST_FILE} (the index's checkpoint)")
+    verify_file(path, record, checksum, listed_in=f"{root / MANIFEST_FILE}'s checkpoint record")
     return path
 
 
