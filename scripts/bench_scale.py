@@ -6,7 +6,7 @@ ever holds the whole catalog. 1,000 held-out queries come from the same mixture;
 (the baseline every recall is measured against) is computed in the same run by a streaming exact scan.
 
 Each configuration is built by ``IndexWriter`` in its own child process (so peak RSS is that build's
-alone, measured with ``getrusage``), then loaded with ``load_index(mmap=True)`` and queried:
+alone, measured with ``getrusage``), then loaded with ``load_index`` (IVF types memory-mapped) and queried:
 
 * build time, peak RSS during the build (and the interpreter's baseline RSS, for reference);
 * index bytes per item (``vectors.faiss``; ``vectors.f32`` for exact re-ranking is listed separately);
@@ -115,7 +115,7 @@ def worker(args: argparse.Namespace) -> None:
         manifest = writer.finalize()
     build_s = time.perf_counter() - start
     build_rss = _rss_mb()
-    index = load_index(out, verify=False, mmap=True)
+    index = load_index(out, verify=False)  # IVF types memory-mapped
     queries = np.load(Path(args.workdir) / "queries.npy")
     truth = np.load(Path(args.workdir) / "truth.npy")
     variants = [(args.worker, index.params)]
