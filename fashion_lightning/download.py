@@ -18,8 +18,10 @@ from fashion_lightning.data.download import DownloadError, download_dataset, nex
 from fashion_lightning.data.source import CatalogNotFoundError
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
 from fashion_lightning.utils.reporting import update_json
+from fashion_lightning.utils.task_wrapper import task_wrapper
 
 
+@task_wrapper
 def download(cfg: DictConfig, console: Console | None = None) -> Path:
     console = console or Console()
     root = download_dataset(cfg.handle, cfg.get("target_dir"), force=bool(cfg.force), mode=cfg.mode)

@@ -17,8 +17,10 @@ from rich.table import Table
 
 from fashion_lightning.data.eda import EdaResult, run_eda
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
+from fashion_lightning.utils.task_wrapper import task_wrapper
 
 
+@task_wrapper
 def eda(cfg: DictConfig) -> EdaResult:
     datamodule = instantiate(cfg.data)  # writes data_report.json, splits.csv, vocab.json into the run dir
     title = "Synthetic catalog" if not cfg.data.get("root") else "Kaggle catalog"

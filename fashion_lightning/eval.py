@@ -15,8 +15,10 @@ from fashion_lightning.models.base import load_module
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
 from fashion_lightning.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from fashion_lightning.utils.reporting import print_summary, update_json
+from fashion_lightning.utils.task_wrapper import task_wrapper
 
 
+@task_wrapper
 def evaluate(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     module = load_module(cfg.ckpt_path)

@@ -20,8 +20,10 @@ from fashion_lightning.models.base import load_module
 from fashion_lightning.retrieval.manifest import IndexParams, checkpoint_record
 from fashion_lightning.retrieval.predict_writer import IndexPredictionWriter, completed_ids
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
+from fashion_lightning.utils.task_wrapper import task_wrapper
 
 
+@task_wrapper
 def build(cfg: DictConfig) -> Path:
     """Returns the index folder."""
     L.seed_everything(cfg.seed, workers=True)

@@ -18,8 +18,10 @@ from fashion_lightning.data.source import CatalogNotFoundError, CatalogSource
 from fashion_lightning.retrieval import RecommendationResult, Recommender, RetrievalError
 from fashion_lightning.retrieval.gallery import render_gallery, results_table
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
+from fashion_lightning.utils.task_wrapper import task_wrapper
 
 
+@task_wrapper
 def recommend(cfg: DictConfig) -> RecommendationResult:
     recommender = Recommender.from_dir(cfg.index_dir)
     query = OmegaConf.to_container(cfg.query, resolve=True)

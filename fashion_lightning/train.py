@@ -11,8 +11,10 @@ from omegaconf import DictConfig, OmegaConf
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
 from fashion_lightning.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from fashion_lightning.utils.reporting import print_summary, update_json
+from fashion_lightning.utils.task_wrapper import task_wrapper
 
 
+@task_wrapper
 def train(cfg: DictConfig) -> dict[str, float]:
     """Returns the final metrics (also in ``<run dir>/metrics.json``)."""
     L.seed_everything(cfg.seed, workers=True)

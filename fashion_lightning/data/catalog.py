@@ -20,20 +20,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from fashion_lightning.data.schema import COLUMNS, FILL_UNKNOWN, MISSING_VALUES, REQUIRED, UNKNOWN
 from fashion_lightning.data.source import CatalogSource
 
 log = logging.getLogger(__name__)
 
-COLUMNS = (
-    "id", "gender", "masterCategory", "subCategory", "articleType",
-    "baseColour", "season", "year", "usage", "productDisplayName",
-)  # fmt: skip
-TASKS = ("articleType", "baseColour", "gender", "masterCategory", "season", "subCategory")
-OPTIONAL_TASKS = ("usage",)
-FILL_UNKNOWN = ("usage", "baseColour", "season")
-UNKNOWN = "Unknown"
-# what pandas' read_csv (the study's reader) treats as missing in this file: blanks and the literal NA
-MISSING_VALUES = ("", "NA", "N/A", "NaN", "nan", "null")
 _MAX_EXAMPLES = 20  # ids kept per reason in the report (counts are always complete)
 
 
@@ -118,7 +109,7 @@ def _int_or(value: str, default: int) -> int:
 
 def clean_styles(frame: pd.DataFrame, report: DataReport, exclude_master_categories: Iterable[str] = ()) -> pd.DataFrame:
     """Apply the study's cleaning rules, recording each by reason."""
-    frame = frame.replace({v: None for v in MISSING_VALUES})
+    frame = frame.replace({v: None for v in sorted(MISSING_VALUES)})
     ids = pd.to_numeric(frame["id"], errors="coerce")
     report.drop("bad_id (not an integer)", frame.index[ids.isna()])
     frame = frame[ids.notna()].assign(id=ids[ids.notna()].astype("int64"))
@@ -138,7 +129,7 @@ def clean_styles(frame: pd.DataFrame, report: DataReport, exclude_master_categor
         if n:
             report.filled[col] = n
             frame[col] = frame[col].fillna(UNKNOWN)
-    required = [c for c in ("gender", "masterCategory", "subCategory", "articleType") if frame[c].isna().any()]
+    required = [c for c in REQUIRED if frame[c].isna().any()]
     for col in required:
         report.drop(f"missing_{col}", frame.loc[frame[col].isna(), "id"])
         frame = frame[frame[col].notna()]

@@ -19,11 +19,12 @@ import pandas as pd
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader
 
-from fashion_lightning.data.catalog import TASKS, Catalog, load_catalog
+from fashion_lightning.data.catalog import Catalog, load_catalog
 from fashion_lightning.data.class_weights import balanced_class_weights
 from fashion_lightning.data.dataset import FashionDataset, seed_worker_transform
 from fashion_lightning.data.image_cache import ImageCache, attach_images, build_image_cache
 from fashion_lightning.data.images import NATIVE_HW
+from fashion_lightning.data.schema import ALL_TASKS, TASKS
 from fashion_lightning.data.splits import SPLITS, load_splits, save_splits, stratified_split
 from fashion_lightning.data.vocab import LabelVocabs
 
@@ -65,9 +66,9 @@ class FashionDataModule(L.LightningDataModule):
         super().__init__()
         if split not in EVAL_SPLITS:
             raise ValueError(f"split must be one of {EVAL_SPLITS}, got {split!r}")
-        unknown = [t for t in tasks if t not in (*TASKS, "usage")]
+        unknown = [t for t in tasks if t not in ALL_TASKS]
         if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; choose from {(*TASKS, 'usage')}")
+            raise ValueError(f"unknown task(s) {unknown}; choose from {ALL_TASKS}")
         if batch_size < 1 or num_workers < 0:
             raise ValueError(f"batch_size must be >= 1 and num_workers >= 0 (got {batch_size}, {num_workers})")
         if max_items is not None and max_items < 10:

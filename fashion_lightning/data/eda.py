@@ -26,14 +26,15 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from fashion_lightning.data.catalog import COLUMNS, DataReport, parse_styles
+from fashion_lightning.data.catalog import DataReport, parse_styles
+from fashion_lightning.data.schema import COLUMNS, MISSING_VALUES
 from fashion_lightning.data.splits import SPLITS
 
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "eda_report.md"
-#: strings pandas.read_csv reads as missing by default (the study loaded styles.csv with pandas)
-NA_LITERALS = frozenset({"NA", "N/A", "n/a", "NaN", "nan", "NULL", "null", "None", "#N/A", "<NA>"})
+#: the non-blank texts cleaning treats as missing (schema.MISSING_VALUES, i.e. pandas.read_csv's defaults)
+NA_LITERALS = MISSING_VALUES - {""}
 _MD_ROWS = 15  # rows of long tables shown in the Markdown (the CSV has them all)
 
 

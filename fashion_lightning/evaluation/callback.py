@@ -26,6 +26,7 @@ from torchmetrics.functional.classification import (
     multiclass_f1_score,
 )
 
+from fashion_lightning.data.schema import IGNORE_INDEX, UNKNOWN
 from fashion_lightning.evaluation.plots import confusion_matrix_figure, pca_scatter_figure, save_figure
 from fashion_lightning.evaluation.retrieval import retrieval_metrics_by_relevance
 from fashion_lightning.utils.reporting import update_json
@@ -33,8 +34,6 @@ from fashion_lightning.utils.reporting import update_json
 log = logging.getLogger(__name__)
 
 STAGES = ("val", "test")
-IGNORE_INDEX = -1
-UNKNOWN_LABEL = "Unknown"
 
 
 class EpochOutputs:
@@ -331,7 +330,7 @@ class EvaluationCallback(L.Callback):
                 if column is None or not bool((column != IGNORE_INDEX).any()):
                     continue
                 classes = vocabs[attribute].classes
-                names = [classes[i] if i >= 0 else UNKNOWN_LABEL for i in column.tolist()]
+                names = [classes[i] if i >= 0 else UNKNOWN for i in column.tolist()]
                 title = f"{stage} PCA of {name} embeddings by {attribute}"
                 figures[f"pca_{attribute}"] = pca_scatter_figure(outputs["embedding"], names, title, seed=self.seed)
         return figures

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-KAGL_CATEGORY_FIELDS: tuple[str, ...] = ("masterCategory", "subCategory", "articleType", "baseColour")
+from fashion_lightning.data.schema import KAGL_CATEGORY_FIELDS
+
 KAGL_DOC_WEIGHTS: tuple[float, float] = (0.9, 0.1)  # image, text
 KAGL_MAX_QUERIES = 2000
 SKIP_VALUES: frozenset[str] = frozenset({"", "nan", "None", "Other", "Unknown", "NA", "<unknown>"})

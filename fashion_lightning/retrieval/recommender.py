@@ -21,6 +21,7 @@ import pandas as pd
 from PIL import Image
 
 from fashion_lightning.data.images import PAD_VALUE, ImageDecodeError, to_native
+from fashion_lightning.data.schema import FILTER_FIELDS
 from fashion_lightning.retrieval import explain
 from fashion_lightning.retrieval.manifest import RetrievalError
 from fashion_lightning.retrieval.search import LoadedIndex, load_index
@@ -28,7 +29,6 @@ from fashion_lightning.retrieval.search import LoadedIndex, load_index
 if TYPE_CHECKING:
     import torch
 
-FILTER_FIELDS = ("gender", "masterCategory", "subCategory", "articleType", "baseColour")
 ImageLike = Union[str, Path, bytes, np.ndarray, Image.Image]
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fashion_lightning.data.catalog import COLUMNS, UNKNOWN, DataReport, clean_styles, load_catalog, parse_styles
+from fashion_lightning.data.catalog import DataReport, clean_styles, load_catalog, parse_styles
+from fashion_lightning.data.schema import COLUMNS, STYLES_HEADER, UNKNOWN
 from fashion_lightning.data.source import CatalogNotFoundError, CatalogSource
-from fashion_lightning.data.synthetic import STYLES_HEADER
 
 # Raw text exactly as the Kaggle file has it: unquoted commas in names (11 and 12 fields),
 # blank fields, a Home row; plus a properly quoted comma (not a repair), a duplicate id,
