@@ -18,7 +18,10 @@ from torch.utils.data import Subset
 
 from fashion_lightning.models.base import load_module
 from fashion_lightning.retrieval.manifest import IndexParams, checkpoint_record
-from fashion_lightning.retrieval.predict_writer import IndexPredictionWriter, completed_ids
+from fashion_lightning.retrieval.predict_writer import (
+    IndexPredictionWriter,
+    completed_ids,
+)
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
 from fashion_lightning.utils.task_wrapper import task_wrapper
 

@@ -23,7 +23,13 @@ import pandas as pd
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from fashion_lightning.retrieval.manifest import IndexIntegrityError, IndexManifest, IndexParams, file_record, verify_file
+from fashion_lightning.retrieval.manifest import (
+    IndexIntegrityError,
+    IndexManifest,
+    IndexParams,
+    file_record,
+    verify_file,
+)
 from fashion_lightning.retrieval.writer import IndexWriter
 from fashion_lightning.utils.atomic import atomic_path, atomic_write_text
 
@@ -111,7 +117,7 @@ class IndexPredictionWriter(BasePredictionWriter):
         self._shard = {}
         record = {
             "rank": rank,
-            "count": int(len(np.load(shard_dir / files["id"]))),
+            "count": len(np.load(shard_dir / files["id"])),
             "files_by_key": files,
             "files": {f: file_record(shard_dir / f) for f in files.values()},
         }

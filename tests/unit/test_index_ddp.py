@@ -19,7 +19,11 @@ import pandas as pd
 import pytest
 
 from fashion_lightning.retrieval import IndexParams, build_index, load_index
-from fashion_lightning.retrieval.predict_writer import SHARD_DIR, complete_shards, completed_ids
+from fashion_lightning.retrieval.predict_writer import (
+    SHARD_DIR,
+    complete_shards,
+    completed_ids,
+)
 
 pytestmark = pytest.mark.slow
 N, D = 203, 8  # odd: the distributed sampler pads rank 1 with a repeat
@@ -76,7 +80,7 @@ def _run(tmp_path: Path, out: Path, kind: str, crash: bool = False) -> subproces
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "PL_DISABLE_FORK": "1"}
     env.pop("LOCAL_RANK", None)
     return subprocess.run([sys.executable, str(script), str(out), kind, "crash" if crash else "ok"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+                          cwd=tmp_path, env=env, capture_output=True, text=True, check=False, timeout=300)  # fmt: skip
 
 
 def _data(tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:

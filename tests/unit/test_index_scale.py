@@ -10,7 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fashion_lightning.retrieval import IndexIntegrityError, IndexMemoryError, IndexParams, IndexWriter, build_index, load_index
+from fashion_lightning.retrieval import (
+    IndexIntegrityError,
+    IndexMemoryError,
+    IndexParams,
+    IndexWriter,
+    build_index,
+    load_index,
+)
 from fashion_lightning.retrieval.manifest import MANIFEST_FILE, checkpoint_record
 from fashion_lightning.retrieval.writer import _Reservoir
 
@@ -139,7 +146,7 @@ def test_sparse_and_dense_masks_go_through_faiss_selectors(tmp_path):
     q = vectors[7]
     for every in (2, 101):  # bitmap selector, then a batch of ids (under 1/64 of the rows)
         allowed = np.arange(20000) % every == 0
-        scores, rows = index.search_filtered(q, 10, allowed, exact_below=0)
+        _, rows = index.search_filtered(q, 10, allowed, exact_below=0)
         expected = np.flatnonzero(allowed)[np.argsort(-(vectors[allowed] @ q))[:10]]
         assert allowed[rows].all()
         assert len(set(rows) & set(expected)) >= 9
