@@ -119,8 +119,10 @@ def worker(args: argparse.Namespace) -> None:
     queries = np.load(Path(args.workdir) / "queries.npy")
     truth = np.load(Path(args.workdir) / "truth.npy")
     variants = [(args.worker, index.params)]
-    if index.params.rerank:
-        variants = [(args.worker, replace(index.params, rerank=0)), (f"{args.worker}+rerank", index.params)]
+    if index.params.rerank:  # one build, several short-list lengths (0 = PQ codes alone)
+        lengths = [0, *sorted({index.params.rerank, *(args.rerank or [])})]
+        variants = [(f"{args.worker}+rerank{r}" if r else args.worker, replace(index.params, rerank=r)) for r in lengths]
+    index.search(queries, K)  # warm-up: page in the mapped lists a query stream would keep hot
     for name, search_params in variants:
         index.params = search_params
         row = measure(index, queries, truth, args.single)
@@ -164,8 +166,10 @@ def main() -> None:
     parser.add_argument("--types", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--overrides", default="", help='JSON IndexParams overrides for every type, e.g. {"nlist": 1024}')
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rerank", type=int, nargs="*", help="extra IVF-PQ short-list lengths to measure")
     parser.add_argument("--quick", action="store_true", help="20k items, 200 queries")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--cache", type=Path, help="folder to keep the exact top-10 in between runs")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -177,15 +181,24 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_scale_") as workdir:
         queries = mix.queries(args.queries)
-        t = time.perf_counter()
-        np.save(Path(workdir) / "truth.npy", exact_topk(mix, args.n, queries, K))
-        print(f"exact baseline: {args.n:,} x {args.dim}, {args.queries} queries, {time.perf_counter() - t:.1f} s",
-              flush=True)
+        key = f"truth_n{args.n}_d{args.dim}_c{args.clusters}_s{args.seed}_q{args.queries}.npy"
+        if args.cache and (args.cache / key).is_file():  # same data, same queries: reuse the exact top-10
+            truth = np.load(args.cache / key)
+        else:
+            t = time.perf_counter()
+            truth = exact_topk(mix, args.n, queries, K)
+            print(f"exact baseline: {args.n:,} x {args.dim}, {args.queries} queries, {time.perf_counter() - t:.1f} s",
+                  flush=True)  # fmt: skip
+            if args.cache:
+                args.cache.mkdir(parents=True, exist_ok=True)
+                np.save(args.cache / key, truth)
+        np.save(Path(workdir) / "truth.npy", truth)
         np.save(Path(workdir) / "queries.npy", queries)
         for name in args.types:
             cmd = [sys.executable, __file__, "--worker", name, "--workdir", workdir, "--n", str(args.n),
                    "--dim", str(args.dim), "--clusters", str(args.clusters), "--seed", str(args.seed),
-                   "--single", str(args.single), "--overrides", args.overrides]  # fmt: skip
+                   "--single", str(args.single), "--overrides", args.overrides,
+                   "--rerank", *map(str, args.rerank or [])]  # fmt: skip
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode:
                 print(f"{name}: failed\n{done.stderr[-2000:]}", flush=True)
