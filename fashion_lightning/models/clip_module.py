@@ -24,42 +24,25 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fashion_lightning.data.vocab import LabelVocabs
-from fashion_lightning.models.base import FashionModule, as_vocabs
-from fashion_lightning.models.clip import ClipFusionNet, fuse
-from fashion_lightning.models.losses import IGNORE_INDEX, MultiTaskLoss
-from fashion_lightning.models.optim import adamw_warmup_cosine
+from fashion_lightning.models.base import FashionModule, as_vocabs, plain
+from fashion_lightning.models.clip import MAX_LOGIT_SCALE, ClipFusionNet, fuse
+from fashion_lightning.models.finetune import ema_callbacks
+from fashion_lightning.models.losses import IGNORE_INDEX, MultiTaskLoss, fill_class_weights
+from fashion_lightning.models.optim import configure, split_optimizer_config
 from fashion_lightning.models.preprocess import DeviceInput
 
 MODES = ("frozen", "finetune")
 DEFAULT_OPTIMIZER = {
+    "_target_": "torch.optim.AdamW",
     "lr": 1e-5,  # pretrained towers: gentle, as in CLIP fine-tuning
     "new_lr": 1e-3,  # parameters without pretrained weights (projections the config adds, heads)
     "weight_decay": 0.1,
-    "warmup_ratio": 0.05,
-    "min_lr_ratio": 0.0,
 }
-MAX_LOGIT_SCALE = 4.6052  # ln(100), open_clip's clamp
+DEFAULT_SCHEDULER = {"warmup_ratio": 0.05, "min_lr_ratio": 0.0}
 TEXT_BATCH = 256
-
-
-def _plain(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-
-
-def _no_decay(name: str, param: nn.Parameter) -> bool:
-    """open_clip's rule: no weight decay on gains, biases, norms and the temperature."""
-    return (
-        param.ndim < 2
-        or "bn" in name
-        or "ln" in name
-        or "norm" in name.lower()
-        or "bias" in name
-        or "logit_scale" in name
-    )
 
 
 class ClipFusionModule(FashionModule):
@@ -76,11 +59,14 @@ class ClipFusionModule(FashionModule):
         task_weights: Mapping[str, float] | None = None,
         label_smoothing: float = 0.0,
         contrastive_weight: float = 1.0,
-        optimizer: Mapping[str, float] | None = None,
+        optimizer: Mapping[str, Any] | None = None,
+        scheduler: Mapping[str, Any] | None = None,
         zero_shot_prompt: str | Mapping[str, str] = "a photo of a {label}",
         kagl: bool = True,
         kagl_max_queries: int | None = 2000,
         channels_last: bool = False,
+        ema: Mapping[str, Any] | float | None = None,
+        compile: bool | Mapping[str, Any] = False,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -88,13 +74,13 @@ class ClipFusionModule(FashionModule):
         if not 0.0 <= float(alpha) <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         self.vocabs = as_vocabs(vocabs)
-        net_cfg = _plain(net)
+        net_cfg = plain(net)
         self.save_hyperparameters(ignore=["net", "class_weights", "vocabs"])
         # what a checkpoint needs to rebuild the net without the training config
         self.hparams["net"] = None if isinstance(net, nn.Module) else net_cfg
         self.hparams["vocabs"] = self.vocabs.to_dict()
         for key, value in list(self.hparams.items()):  # plain containers: weights_only checkpoint loading
-            self.hparams[key] = _plain(value)
+            self.hparams[key] = plain(value)
         self.net: ClipFusionNet = net if isinstance(net, nn.Module) else instantiate(net_cfg)
         self.preprocess = DeviceInput(
             input_size=self.net.image_size,
@@ -108,11 +94,12 @@ class ClipFusionModule(FashionModule):
         self.heads = nn.ModuleDict(
             {t: nn.Linear(self.net.embed_dim, n) for t, n in self.vocabs.num_classes.items()} if heads else {}
         )
-        weights = dict(class_weights or {})
-        for task, n in self.vocabs.num_classes.items():
-            weights.setdefault(task, torch.ones(n))  # buffers always exist, so checkpoints load strictly
-        self.task_loss = MultiTaskLoss(self.vocabs.tasks, task_weights, weights, label_smoothing) if heads else None
-        self.optimizer_cfg = {**DEFAULT_OPTIMIZER, **dict(optimizer or {})}
+        weights = fill_class_weights(self.vocabs.num_classes, class_weights)
+        self.task_loss = (
+            MultiTaskLoss(self.vocabs.tasks, self.hparams.task_weights, weights, label_smoothing) if heads else None
+        )
+        self.optimizer_cfg, self.group_rules, legacy = split_optimizer_config(self.hparams.optimizer, DEFAULT_OPTIMIZER)
+        self.scheduler_cfg = {**DEFAULT_SCHEDULER, **legacy, **dict(self.hparams.scheduler or {})}
         self.clip_loss: nn.Module | None = None
         self._class_text: dict[str, torch.Tensor] | None = None
         self._text_cache: dict[str, torch.Tensor] = {}  # locked text tower only (see _train_text_embedding)
@@ -123,7 +110,22 @@ class ClipFusionModule(FashionModule):
     def inference_overrides(cls, hparams: Mapping[str, Any]) -> dict[str, Any]:
         """Rebuild the net without pretrained weights: the checkpoint's state dict fills it."""
         net = hparams.get("net")
-        return {"net": {**net, "pretrained": None}} if net else {}
+        overrides: dict[str, Any] = {"compile": False}  # eval / index compile only when asked
+        if net:
+            overrides["net"] = {**net, "pretrained": None}
+        return overrides
+
+    def configure_model(self) -> None:
+        """Compile both towers in place (state-dict keys unchanged) once a Trainer runs."""
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            options = self.hparams.compile if isinstance(self.hparams.compile, Mapping) else {}
+            for tower in (self.net.visual, getattr(self.net.model, "text", None)):
+                if tower is not None:
+                    tower.compile(**options)
+            self._compiled = True
+
+    def configure_callbacks(self) -> list:
+        return ema_callbacks(self.hparams.ema)
 
     @property
     def requires_training(self) -> bool:
@@ -202,7 +204,7 @@ class ClipFusionModule(FashionModule):
         return self._class_text
 
     def zero_shot_logits(self, image_embedding: torch.Tensor) -> dict[str, torch.Tensor]:
-        scale = self.net.logit_scale.exp().clamp(max=100.0).detach()
+        scale = self.net.scale().detach()
         return {
             task: scale * image_embedding.to(emb.device).float() @ emb.T
             for task, emb in self.class_text_embeddings().items()
@@ -250,7 +252,7 @@ class ClipFusionModule(FashionModule):
         total = image.new_zeros(())
         if finetune and self.hparams.contrastive_weight > 0:
             text = self._train_text_embedding(batch["text"])
-            scale = self.net.logit_scale.exp().clamp(max=100.0)
+            scale = self.net.scale()
             contrastive = self._contrastive(image, text, scale)
             total = total + self.hparams.contrastive_weight * contrastive
             self.log("train/loss/contrastive", contrastive, batch_size=bs)
@@ -289,7 +291,7 @@ class ClipFusionModule(FashionModule):
         image = self._image_embedding(batch["image"]).float()
         text = self._text_embedding(batch["text"]).float()
         bs = len(batch["id"])
-        scale = self.net.logit_scale.exp().clamp(max=100.0)
+        scale = self.net.scale()
         loss = self._contrastive(image, text, scale) if len(image) > 1 else image.new_zeros(())
         logits = self._head_logits(image) if self.heads else self.zero_shot_logits(image)
         if self.heads:
@@ -348,24 +350,16 @@ class ClipFusionModule(FashionModule):
 
     # --- optimisation --------------------------------------------------------------------------
     def configure_optimizers(self) -> dict:
-        cfg = self.optimizer_cfg
-        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            new = name.startswith("heads.") or name in self._new_param_names or "logit_scale" in name
-            groups.setdefault((new, _no_decay(name, param)), []).append(param)
-        if not groups:
+        """Pretrained tower weights at ``lr``; new parameters (heads, added projections, temperature) at ``new_lr``."""
+        if not any(p.requires_grad for p in self.parameters()):
             raise RuntimeError("no trainable parameters: mode='frozen' without heads needs no optimiser")
-        param_groups = [
-            {
-                "params": params,
-                "lr": cfg["new_lr"] if new else cfg["lr"],
-                "weight_decay": 0.0 if no_decay else cfg["weight_decay"],
-            }
-            for (new, no_decay), params in groups.items()
-        ]
-        return adamw_warmup_cosine(
-            param_groups, total_steps=self.trainer.estimated_stepping_batches, lr=cfg["lr"],
-            weight_decay=cfg["weight_decay"], warmup_ratio=cfg["warmup_ratio"], min_lr_ratio=cfg["min_lr_ratio"],
+        new_scale = float(self.group_rules.get("new_lr", self.optimizer_cfg["lr"])) / float(self.optimizer_cfg["lr"])
+
+        def lr_scale(name: str) -> float:
+            new = name.startswith("heads.") or name in self._new_param_names or "logit_scale" in name
+            return new_scale if new else 1.0
+
+        return configure(
+            self.named_parameters(), self.optimizer_cfg, self.scheduler_cfg, {},
+            self.trainer.estimated_stepping_batches, self.device, lr_scale,
         )  # fmt: skip

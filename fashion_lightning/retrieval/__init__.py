@@ -9,16 +9,12 @@ Typical use::
 """
 
 from fashion_lightning.retrieval.explain import Explanation
-from fashion_lightning.retrieval.index import (
+from fashion_lightning.retrieval.manifest import (
     IndexIntegrityError,
     IndexManifest,
+    IndexMemoryError,
     IndexParams,
-    IndexWriter,
-    LoadedIndex,
     RetrievalError,
-    build_index,
-    configure_threads,
-    load_index,
 )
 from fashion_lightning.retrieval.recommender import (
     FILTER_FIELDS,
@@ -31,6 +27,12 @@ from fashion_lightning.retrieval.recommender import (
     RecommendationResult,
     Recommender,
 )
+from fashion_lightning.retrieval.search import (
+    LoadedIndex,
+    configure_threads,
+    load_index,
+)
+from fashion_lightning.retrieval.writer import IndexWriter, build_index
 
 __all__ = [
     "FILTER_FIELDS",
@@ -38,6 +40,7 @@ __all__ = [
     "Explanation",
     "IndexIntegrityError",
     "IndexManifest",
+    "IndexMemoryError",
     "IndexParams",
     "IndexWriter",
     "LoadedIndex",

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-EXPLAIN_FIELDS = ("gender", "masterCategory", "subCategory", "articleType", "baseColour", "season", "usage")
+from fashion_lightning.data.schema import EXPLAIN_FIELDS
+
 PART_KEYS = {"image": "image_embedding", "text": "text_embedding"}
 FIT_TOLERANCE = 1e-3
 

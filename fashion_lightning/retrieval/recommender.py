@@ -23,13 +23,14 @@ import pandas as pd
 from PIL import Image
 
 from fashion_lightning.data.images import ImageDecodeError, letterbox, open_image
+from fashion_lightning.data.schema import FILTER_FIELDS
 from fashion_lightning.retrieval import explain
-from fashion_lightning.retrieval.index import LoadedIndex, RetrievalError, load_index
+from fashion_lightning.retrieval.manifest import RetrievalError
+from fashion_lightning.retrieval.search import LoadedIndex, load_index
 
 if TYPE_CHECKING:
     import torch
 
-FILTER_FIELDS = ("gender", "masterCategory", "subCategory", "articleType", "baseColour", "season")
 MAX_OVERFETCH = 256  # excluded rows up to which an unfiltered query over-fetches instead of masking
 ImageLike = Union[str, Path, bytes, np.ndarray, Image.Image]
 
