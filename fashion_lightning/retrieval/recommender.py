@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from fashion_lightning.data.images import ImageDecodeError, letterbox, open_image
+from fashion_lightning.data.images import TOO_LARGE, ImageDecodeError, letterbox, open_image
 from fashion_lightning.data.schema import FILTER_FIELDS
 from fashion_lightning.retrieval import explain
 from fashion_lightning.retrieval.manifest import RetrievalError
@@ -445,12 +445,9 @@ def decode_query_image(image: ImageLike, position: int) -> tuple[np.ndarray, str
         with warnings.catch_warnings():  # PIL only warns between 1x and 2x its pixel limit: refuse those too
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             native = letterbox(open_image(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise PhotoTooLargeError(f"query image {label}: {err}") from err
     except ImageDecodeError as err:
-        if isinstance(err.__cause__, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-            raise PhotoTooLargeError(f"query image {label}: {err}") from err
-        raise QueryError(f"query image {label}: {err}") from err
+        too_large = err.reason == TOO_LARGE
+        raise (PhotoTooLargeError if too_large else QueryError)(f"query image {label}: {err}") from err
     return native, digest, label
 
 

@@ -20,6 +20,7 @@ from rich.console import Console
 
 from fashion_lightning.data import schema
 from fashion_lightning.retrieval import FILTER_FIELDS, QueryError, Recommender, RecommendationResult, build_index
+from fashion_lightning.retrieval.manifest import checkpoint_record
 from fashion_lightning.retrieval.recommender import ModelLoadError
 from fashion_lightning.retrieval.gallery import PANEL_INCHES, render_gallery, results_table
 
@@ -336,7 +337,8 @@ def test_encoder_is_loaded_only_for_photo_and_text(catalog, tmp_path):
         Recommender.from_dir(tmp_path).by_images(images[5])
     damaged = tmp_path / "damaged.ckpt"
     damaged.write_bytes(b"PK\x03\x04 not a checkpoint")
-    build_index(embed_catalog(encoder, images), frame, tmp_path / "d", {**model_info, "checkpoint": str(damaged)})
+    record = checkpoint_record(damaged, tmp_path / "d")  # a file that was never a checkpoint: sizes match
+    build_index(embed_catalog(encoder, images), frame, tmp_path / "d", {**model_info, **record})
     with pytest.raises(ModelLoadError, match="cannot load the index's model .*damaged.ckpt"):
         Recommender.from_dir(tmp_path / "d").by_images(images[5])
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from fashion_lightning.retrieval import build_index
+from fashion_lightning.retrieval.manifest import checkpoint_record
 from test_recommender import FakeEncoder, catalog, embed_catalog, png_bytes  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow  # subprocesses: ~5 s each
@@ -31,7 +32,7 @@ def index_dir(catalog, tmp_path_factory) -> Path:
     frame.drop(columns=["image_sha1"]).to_csv(catalog_dir / "styles.csv", index=False)
     for item_id, image in zip(frame["id"], images):
         (catalog_dir / "images" / f"{item_id}.png").write_bytes(png_bytes(image))
-    model_info = {"embedding_name": "fake", "checkpoint": str(damaged), "catalog": str(catalog_dir)}
+    model_info = {"embedding_name": "fake", **checkpoint_record(damaged, root / "index"), "catalog": str(catalog_dir)}
     build_index(embed_catalog(FakeEncoder(), images), frame, root / "index", model_info)
     return root / "index"
 
