@@ -16,6 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 NATIVE_HW: tuple[int, int] = (80, 60)
 PAD_VALUE = 255  # catalog photos sit on white; letterbox bars blend in
+_CENTRE = (0.5 - 1e-7, 0.5 - 1e-7)  # floor((W - w) / 2) for any margin below 5e6 pixels
 
 
 CORRUPT = "corrupt_image (cannot be decoded)"
@@ -73,9 +74,9 @@ def letterbox(img: Image.Image, size_hw: tuple[int, int] = NATIVE_HW) -> np.ndar
         img.draft("RGB", (new_w * 2, new_h * 2))
         img = img.reduce(max(1, img.width // (new_w * 2)))
     resized = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    canvas = Image.new("RGB", (w, h), (PAD_VALUE,) * 3)
-    canvas.paste(resized, ((w - new_w) // 2, (h - new_h) // 2))
-    return np.asarray(canvas, dtype=np.uint8)
+    # PIL's own letterbox; a centering just under 0.5 puts the smaller half of an odd margin on the
+    # left/top, as this function always has, so image caches built before stay valid
+    return np.asarray(ImageOps.pad(resized, (w, h), color=(PAD_VALUE,) * 3, centering=_CENTRE), dtype=np.uint8)
 
 
 def to_native(data: bytes | str | Path | Image.Image, size_hw: tuple[int, int] = NATIVE_HW) -> np.ndarray:

@@ -43,9 +43,9 @@ MISSING_VALUES: frozenset[str] = frozenset({
 IGNORE_INDEX = -1
 
 #: attributes a recommendation may be filtered on (exact match; ``fashion-recommend filters.<field>=...``)
-FILTER_FIELDS: tuple[str, ...] = ("gender", "masterCategory", "subCategory", "articleType", "baseColour")
+FILTER_FIELDS: tuple[str, ...] = ("gender", "masterCategory", "subCategory", "articleType", "baseColour", "season")
 #: attributes an explanation compares between query and result
-EXPLAIN_FIELDS: tuple[str, ...] = (*FILTER_FIELDS, "season", "usage")
+EXPLAIN_FIELDS: tuple[str, ...] = (*FILTER_FIELDS, "usage")
 #: Marqo's KAGL category-to-product fields
 KAGL_CATEGORY_FIELDS: tuple[str, ...] = ("masterCategory", "subCategory", "articleType", "baseColour")
 
@@ -73,4 +73,3 @@ def register_resolvers() -> None:
     """Register the ``schema`` OmegaConf resolver (idempotent; the package's ``__init__`` calls it)."""
     if not OmegaConf.has_resolver("schema"):
         OmegaConf.register_new_resolver("schema", schema_value)
-

@@ -16,8 +16,6 @@ from fashion_lightning.retrieval.manifest import (
     IndexParams,
     RetrievalError,
 )
-from fashion_lightning.retrieval.search import LoadedIndex, configure_threads, load_index
-from fashion_lightning.retrieval.writer import IndexWriter, build_index
 from fashion_lightning.retrieval.recommender import (
     FILTER_FIELDS,
     Encoder,
@@ -29,6 +27,12 @@ from fashion_lightning.retrieval.recommender import (
     RecommendationResult,
     Recommender,
 )
+from fashion_lightning.retrieval.search import (
+    LoadedIndex,
+    configure_threads,
+    load_index,
+)
+from fashion_lightning.retrieval.writer import IndexWriter, build_index
 
 __all__ = [
     "FILTER_FIELDS",

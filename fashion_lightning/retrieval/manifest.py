@@ -80,7 +80,7 @@ class IndexParams:
             raise ValueError(f"index type {self.type!r} is not one of {INDEX_TYPES}")
         p = self
         if p.type in IVF_TYPES:
-            nlist = p.nlist or int(round(4 * math.sqrt(n)))
+            nlist = p.nlist or round(4 * math.sqrt(n))
             floor = 256 * 2**p.pq_nbits if p.type == "ivfpq" else 0  # k-means of each PQ codebook
             train = min(n, p.train_size or min(max(256 * nlist, floor), TRAIN_SIZE_CAP))
             nlist = max(1, min(nlist, train // 39 or 1))  # faiss wants >= 39 training points per list
@@ -233,7 +233,7 @@ def verified_checkpoint(model: Mapping[str, Any], root: Path, checksum: bool = T
         raise IndexIntegrityError(
             f"{root / MANIFEST_FILE}: names checkpoint {path} without its size and sha256; rebuild the index"
         )
-    verify_file(path, record, checksum, listed_in=f"{root / MANIFEST_FILE} (the index's checkpoint)")
+    verify_file(path, record, checksum, listed_in=f"{root / MANIFEST_FILE}'s checkpoint record")
     return path
 
 

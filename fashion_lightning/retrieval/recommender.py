@@ -68,6 +68,7 @@ class Encoder(Protocol):
 
     # optional: ``embed_and_predict(images) -> (embeddings, {task: labels})`` from one forward pass;
     # photo queries use it when the encoder has it (FashionModule does), else call the two above.
+    # optional: ``accepts_numpy = True``: images come as uint8 numpy arrays instead of torch tensors.
 
 
 @dataclass
@@ -481,10 +482,15 @@ def _embed_and_predict(encoder: Encoder, images: torch.Tensor) -> tuple[Any, dic
     return embedded, dict(predictions)
 
 
-def _to_tensor(natives: np.ndarray, encoder: Encoder) -> torch.Tensor:
+def _to_tensor(natives: np.ndarray, encoder: Encoder) -> torch.Tensor | np.ndarray:
+    """[B, H, W, 3] -> [B, 3, H, W] on the encoder's device (a numpy array for ``accepts_numpy`` encoders,
+    e.g. the server's worker processes, so the serving process never imports torch)."""
+    channels_first = np.ascontiguousarray(natives.transpose(0, 3, 1, 2))
+    if getattr(encoder, "accepts_numpy", False):
+        return channels_first
     import torch
 
-    batch = torch.from_numpy(np.ascontiguousarray(natives.transpose(0, 3, 1, 2)))
+    batch = torch.from_numpy(channels_first)
     device = getattr(encoder, "device", None)
     return batch.to(device) if device is not None else batch
 
@@ -497,6 +503,8 @@ def _is_given(value: Any) -> bool:
 
 def _infer(fn: Callable[..., Any], *args: Any) -> Any:
     """Run an encoder call without autograd bookkeeping."""
+    if isinstance(args[-1], np.ndarray) or getattr(getattr(fn, "__self__", None), "accepts_numpy", False):
+        return fn(*args)  # runs elsewhere (worker processes): nothing to track here
     import torch
 
     with torch.inference_mode():

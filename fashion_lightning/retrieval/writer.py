@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import faiss
 import numpy as np
@@ -29,8 +29,8 @@ import pandas as pd
 
 from fashion_lightning.retrieval.manifest import (
     EXACT_FILE,
-    ITEMS_FILE,
     INDEX_TYPES,
+    ITEMS_FILE,
     IVF_TYPES,
     MANIFEST_FILE,
     PARTS_FILE,
@@ -118,13 +118,13 @@ class IndexWriter:
         self._columns: dict[str, str] | None = None
         (self.out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # the old index is invalid from now on
         self._files = contextlib.ExitStack()  # temporary files, renamed into place on success only
-        self._items_fh = open(self._files.enter_context(atomic_path(self.out_dir / ITEMS_FILE)), "w",
-                              encoding="utf-8", newline="")  # fmt: skip
+        items_tmp = self._files.enter_context(atomic_path(self.out_dir / ITEMS_FILE))
+        self._items_fh = open(items_tmp, "w", encoding="utf-8", newline="")  # noqa: SIM115 - open across add() calls
         self._files.callback(self._items_fh.close)
         self._exact_fh = None
         self._exact_path = self.out_dir / f".{EXACT_FILE}.partial"
         if self.params.type in IVF_TYPES:
-            self._exact_fh = open(self._exact_path, "wb")
+            self._exact_fh = open(self._exact_path, "wb")  # noqa: SIM115 - appended to by every add()
 
     @property
     def count(self) -> int:
@@ -235,7 +235,7 @@ class IndexWriter:
         atomic_write_text(out / MANIFEST_FILE, json.dumps(manifest.to_dict(), indent=2) + "\n")
         return manifest
 
-    def __enter__(self) -> IndexWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

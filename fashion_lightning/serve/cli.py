@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import sys
 import warnings
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 from rich.console import Console
 
 from fashion_lightning.data.source import CatalogNotFoundError, CatalogSource
-from fashion_lightning.retrieval import Recommender, RetrievalError
+from fashion_lightning.retrieval import ModelLoadError, Recommender, RetrievalError
 from fashion_lightning.serve.app import ServeSettings, create_app
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
 
@@ -29,7 +30,16 @@ def build(cfg: DictConfig):
     recommender = Recommender.from_dir(cfg.index_dir)
     root = cfg.catalog_root or recommender.index.model_info.get("catalog")
     source = CatalogSource(root) if root else None
-    if cfg.preload_model and recommender.index.model_info.get("checkpoint"):
+    checkpoint = recommender.index.model_info.get("checkpoint")
+    if checkpoint and cfg.inference == "process":
+        from fashion_lightning.serve.inference import ProcessEncoder
+
+        if not Path(checkpoint).is_file():
+            raise ModelLoadError(f"the index was built from {checkpoint}, which no longer exists")
+        recommender = Recommender(
+            recommender.index, ProcessEncoder(checkpoint, int(cfg.inference_workers), cfg.torch_threads).start()
+        )
+    elif checkpoint and cfg.preload_model:
         if cfg.torch_threads:
             import torch
 

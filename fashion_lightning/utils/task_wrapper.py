@@ -17,6 +17,7 @@ The config group ``extras`` (``conf/extras/``) switches the parts on and off.
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import os
 import sys
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from lightning_utilities.core.rank_zero import rank_zero_only  # lightning sets .rank; light to import
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.syntax import Syntax
 from rich.tree import Tree
@@ -127,7 +128,7 @@ def extras(cfg: DictConfig) -> None:
 
 def enforce_tags(cfg: DictConfig) -> None:
     """Every run carries tags (they name W&B runs and sweep rows). Non-interactive, unlike the template's
-    prompt: a multirun without tags is refused; a single run gets ``[<task_name>]`` and a warning."""
+    prompt: a multirun without tags is refused; a single run gets ``[<task_name>]`` (logged)."""
     tags = cfg.get("tags")
     if tags:
         if isinstance(tags, str) or not all(isinstance(t, str) and t for t in tags):
@@ -136,7 +137,7 @@ def enforce_tags(cfg: DictConfig) -> None:
     if _is_multirun():
         raise ValueError("a multirun needs tags: add e.g. 'tags=[lr_sweep]' to the command line")
     default = [str(cfg.get("task_name") or "run")]
-    log.warning("no tags given: tagging this run %s (set e.g. tags=[baseline])", default)
+    log.info("no tags given: tagging this run %s (set e.g. tags=[baseline])", default)
     with open_dict(cfg):
         cfg.tags = default
 
@@ -157,19 +158,23 @@ def config_tree(cfg: DictConfig, order: Sequence[str] = PRINT_ORDER) -> Tree:
     fields = [f for f in order if f in cfg] + [f for f in cfg if f not in order]
     for name in fields:
         branch = tree.add(str(name), style="dim", guide_style="dim")
-        node = cfg._get_node(name)  # noqa: SLF001  (keeps interpolations that cannot be resolved yet)
-        if isinstance(node, DictConfig) or OmegaConf.is_list(node):
-            try:
-                text = OmegaConf.to_yaml(node, resolve=True)
-            except Exception:  # e.g. a mandatory value (???) the app will report itself
-                text = OmegaConf.to_yaml(node, resolve=False)
-        else:
-            try:
-                text = str(cfg[name])
-            except Exception:
-                text = str(node._value())  # noqa: SLF001
+        text = _branch_text(cfg, str(name))
         branch.add(Syntax(text.rstrip(), "yaml", theme="ansi_dark", background_color="default"))
     return tree
+
+
+def _branch_text(cfg: DictConfig, name: str) -> str:
+    """One node as resolved YAML; unresolved where it cannot be resolved yet (the app reports that itself)."""
+    try:
+        value = cfg[name]
+    except Exception:  # a mandatory value (???) or a broken interpolation
+        return str(cfg._get_node(name))
+    if not isinstance(value, (DictConfig, ListConfig)):
+        return str(value)
+    try:
+        return OmegaConf.to_yaml(value, resolve=True)
+    except Exception:
+        return OmegaConf.to_yaml(value, resolve=False)
 
 
 def print_config_tree(cfg: DictConfig, print_it: bool = True, save: bool = True) -> Path | None:
@@ -182,18 +187,7 @@ def print_config_tree(cfg: DictConfig, print_it: bool = True, save: bool = True)
     out = _output_dir(cfg)
     if not save or out is None:
         return None
-    recorder = Console(record=True, width=120, file=_NullFile(), color_system=None)
+    recorder = Console(record=True, width=120, file=io.StringIO(), color_system=None)
     recorder.print(tree)
     out.mkdir(parents=True, exist_ok=True)
     return atomic_write_text(out / CONFIG_TREE, recorder.export_text())
-
-
-class _NullFile:
-    """A write-only sink: the recording console keeps the text, nothing goes to the terminal."""
-
-    def write(self, _text: str) -> int:
-        return 0
-
-    def flush(self) -> None:
-        return None
-

@@ -184,7 +184,7 @@ def test_bad_ids_are_reported_by_value_not_row_number():
     from fashion_lightning.data.catalog import DataReport, clean_styles, parse_styles
 
     text = "\n".join([
-        "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName",
+        STYLES_HEADER,
         "2001,Men,Apparel,Topwear,Tshirts,Red,Summer,2012,Casual,Fine shirt",
         "abc,Men,Apparel,Topwear,Tshirts,Red,Summer,2012,Casual,Bad id",
         "x9,Men,Apparel,Topwear",  # malformed and a bad id
@@ -199,7 +199,7 @@ def test_bad_ids_are_reported_by_value_not_row_number():
 def test_non_utf8_names_are_decoded_and_counted():
     from fashion_lightning.data.catalog import DataReport, clean_styles, parse_styles
 
-    header = b"id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName\n"
+    header = STYLES_HEADER.encode() + b"\n"
     raw = (header + "3001,Men,Apparel,Topwear,Tshirts,Red,Summer,2012,Casual,Caf\u00e9 shirt\n".encode()
            + b"3002,Men,Apparel,Topwear,Tshirts,Red,Summer,2012,Casual,Cr\xe8me tee\n")  # cp1252 byte
     report = DataReport()

@@ -40,7 +40,11 @@ def test_eda_writes_report_plots_and_tables(eda_result):
     assert set(eda_result.plots) == expected  # the unknown attribute is skipped, not a crash
     for path in eda_result.plots.values():
         assert path.read_bytes()[:8] == PNG_MAGIC and path.parent == out / "plots"
-    assert {p.name for p in (out / "tables").iterdir()} >= {"missing_values.csv", "split_sizes.csv", "season_x_gender.csv"}
+    assert {p.name for p in (out / "tables").iterdir()} >= {
+        "missing_values.csv",
+        "split_sizes.csv",
+        "season_x_gender.csv",
+    }
     article = pd.read_csv(out / "tables" / "dist_articleType.csv", index_col=0)
     assert article["count"].sum() == eda_result.data_report.rows_kept
     heat = pd.read_csv(out / "tables" / "gender_x_articleType.csv", index_col=0)
@@ -100,12 +104,20 @@ def _compose(config_name: str, overrides: list[str]):
 def test_eda_app_runs_on_synthetic_and_on_a_kaggle_folder(cache_dir: Path, synthetic_root: Path, tmp_path: Path):
     from fashion_lightning.eda import eda
 
-    common = [f"paths.cache_dir={cache_dir}", "data.num_workers=0", "data.decode_workers=1", "top_n=5", "attributes=[gender]"]
+    common = [
+        f"paths.cache_dir={cache_dir}",
+        "data.num_workers=0",
+        "data.decode_workers=1",
+        "top_n=5",
+        "attributes=[gender]",
+    ]
     synthetic = _compose("eda", [*common, f"paths.output_dir={tmp_path / 'syn'}", "data.num_items=200"])
     result = eda(synthetic)
     assert result.report_path == tmp_path / "syn" / REPORT_NAME and result.report_path.is_file()
     # the generated folder is a Kaggle-layout catalog: data=kaggle data.root=<it> takes the same path as real data
-    kaggle = _compose("eda", [*common, f"paths.output_dir={tmp_path / 'kag'}", "data=kaggle", f"data.root={synthetic_root}"])
+    kaggle = _compose(
+        "eda", [*common, f"paths.output_dir={tmp_path / 'kag'}", "data=kaggle", f"data.root={synthetic_root}"]
+    )
     result = eda(kaggle)
     assert (tmp_path / "kag" / REPORT_NAME).is_file() and result.data_report.source == str(synthetic_root)
     assert json.loads((tmp_path / "kag" / "data_report.json").read_text())["rows_read"] == 200

@@ -56,7 +56,7 @@ function whyChips(rec) {
   const seen = new Set();
   for (const field of WHY_FIELDS) {
     const value = explanation.shared && explanation.shared[field];
-    if (value && !seen.has(value)) {
+    if (value && !seen.has(value) && chips.length < 4) {
       seen.add(value);
       chips.push(el("span", { text: value, title: `shares ${field} with your ${basisWord(explanation.basis)}` }));
     }
