@@ -81,8 +81,16 @@ def free_port() -> int:
 
 
 def start_server(index_dir: Path, port: int, overrides: list[str], run_dir: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "fashion_lightning.serve.cli", f"index_dir={index_dir}", "host=127.0.0.1",
-           f"port={port}", f"hydra.run.dir={run_dir}", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fashion_lightning.serve.cli",
+        f"index_dir={index_dir}",
+        "host=127.0.0.1",
+        f"port={port}",
+        f"hydra.run.dir={run_dir}",
+        *overrides,
+    ]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(run_dir / "server.log", "wb"))
 
 
@@ -163,8 +171,9 @@ def in_process_baseline(index_dir: Path, requests: list[tuple[str, object]], per
             elif kind == "item":
                 recommender.by_item(payload["item_id"], payload["k"])
             else:
-                recommender.by_history(payload["history"], payload["k"], disliked=payload["disliked"],
-                                       half_life=payload["half_life"])
+                recommender.by_history(
+                    payload["history"], payload["k"], disliked=payload["disliked"], half_life=payload["half_life"]
+                )
             times.append((time.perf_counter() - start) * 1e3)
         out[kind] = float(np.median(times[1:] or times))
     return out
@@ -208,18 +217,31 @@ def main() -> None:
                 server.kill()
 
     total_errors = sum(s["errors"] for s in stats.values())
-    print(f"fashion-serve bench: {len(requests)} requests, {args.concurrency} concurrent, mix {args.mix}; "
-          f"index {args.index} ({platform.node()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M %Z')})")
-    print(f"server start-up to first /health: {startup:.1f} s; load wall {wall:.2f} s; "
-          f"throughput {len(requests) / wall:.1f} req/s; errors {total_errors}; "
-          f"1-min load average {load_before:.1f} before, {load_after:.1f} after")
+    print(
+        f"fashion-serve bench: {len(requests)} requests, {args.concurrency} concurrent, mix {args.mix}; "
+        f"index {args.index} ({platform.node()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M %Z')})"
+    )
+    print(
+        f"server start-up to first /health: {startup:.1f} s; load wall {wall:.2f} s; "
+        f"throughput {len(requests) / wall:.1f} req/s; errors {total_errors}; "
+        f"1-min load average {load_before:.1f} before, {load_after:.1f} after"
+    )
     print("latency = client side (send -> JSON read); server p50/p99 = the app's own time (timings.server_ms)")
-    header = (f"{'kind':8} {'n':>5} {'errors':>6} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'mean ms':>8} "
-              f"{'server p50':>10} {'server p99':>10} {'in-proc p50':>11} {'p50 ratio':>9}")
+    header = (
+        f"{'kind':8} {'n':>5} {'errors':>6} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'mean ms':>8} "
+        f"{'server p50':>10} {'server p99':>10} {'in-proc p50':>11} {'p50 ratio':>9}"
+    )
     print(header)
-    report = {"requests": len(requests), "concurrency": args.concurrency, "mix": mix, "wall_s": wall,
-              "throughput_rps": len(requests) / wall, "startup_s": startup,
-              "load_average": [load_before, load_after], "kinds": {}}
+    report = {
+        "requests": len(requests),
+        "concurrency": args.concurrency,
+        "mix": mix,
+        "wall_s": wall,
+        "throughput_rps": len(requests) / wall,
+        "startup_s": startup,
+        "load_average": [load_before, load_after],
+        "kinds": {},
+    }
     for kind in KINDS:
         lat = np.asarray(stats[kind]["latency"])
         if not len(lat):
@@ -230,11 +252,22 @@ def main() -> None:
         base_text = f"{base:11.2f}" if base else f"{'-':>11}"
         server = np.asarray(stats[kind]["server"]) if stats[kind]["server"] else np.asarray([np.nan])
         s50, s99 = np.percentile(server, [50, 99])
-        print(f"{kind:8} {len(lat):5d} {stats[kind]['errors']:6d} {p50:8.2f} {p95:8.2f} {p99:8.2f} {lat.mean():8.2f} "
-              f"{s50:10.2f} {s99:10.2f} {base_text} {ratio}")
-        report["kinds"][kind] = {"n": int(len(lat)), "errors": stats[kind]["errors"], "statuses": stats[kind]["statuses"],
-                                 "p50_ms": p50, "p95_ms": p95, "p99_ms": p99, "mean_ms": float(lat.mean()),
-                                 "server_p50_ms": float(s50), "server_p99_ms": float(s99), "in_process_p50_ms": base}
+        print(
+            f"{kind:8} {len(lat):5d} {stats[kind]['errors']:6d} {p50:8.2f} {p95:8.2f} {p99:8.2f} {lat.mean():8.2f} "
+            f"{s50:10.2f} {s99:10.2f} {base_text} {ratio}"
+        )
+        report["kinds"][kind] = {
+            "n": int(len(lat)),
+            "errors": stats[kind]["errors"],
+            "statuses": stats[kind]["statuses"],
+            "p50_ms": p50,
+            "p95_ms": p95,
+            "p99_ms": p99,
+            "mean_ms": float(lat.mean()),
+            "server_p50_ms": float(s50),
+            "server_p99_ms": float(s99),
+            "in_process_p50_ms": base,
+        }
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     if total_errors:

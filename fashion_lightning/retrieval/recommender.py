@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, Union, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     import torch
 
 MAX_OVERFETCH = 256  # excluded rows up to which an unfiltered query over-fetches instead of masking
-ImageLike = Union[str, Path, bytes, np.ndarray, Image.Image]
+ImageLike = str | Path | bytes | np.ndarray | Image.Image
 
 
 class QueryError(RetrievalError, ValueError):

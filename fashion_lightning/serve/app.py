@@ -122,7 +122,7 @@ def create_app(
     async def browse(
         limit: Annotated[int, Query(ge=1, le=settings.max_k)] = settings.default_k,
         offset: Annotated[int, Query(ge=0)] = 0,
-        filters: Annotated[str | None, Query(description="JSON object, e.g. {\"gender\": \"Women\"}")] = None,
+        filters: Annotated[str | None, Query(description='JSON object, e.g. {"gender": "Women"}')] = None,
     ) -> dict[str, Any]:
         mask, clean = _answer(lambda: recommender.allowed_rows(_parse_filters(filters)))
         rows = np.arange(recommender.index.n) if mask is None else np.flatnonzero(mask)
@@ -165,7 +165,7 @@ def create_app(
     async def recommend_image(
         photo: Annotated[UploadFile, File(description="a product photo (JPEG, PNG, WebP, ...)")],
         k: Annotated[int | None, Form()] = None,
-        filters: Annotated[str | None, Form(description="JSON object, e.g. {\"gender\": \"Men\"}")] = None,
+        filters: Annotated[str | None, Form(description='JSON object, e.g. {"gender": "Men"}')] = None,
     ) -> dict[str, Any]:
         start = time.perf_counter()
         k = _k(k, settings)
@@ -225,7 +225,7 @@ def _parse_filters(text: str | None) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise HTTPException(422, f"filters: not JSON ({err.msg})") from None
     if not isinstance(filters, dict):
-        raise HTTPException(422, "filters: expected a JSON object like {\"gender\": \"Men\"}")
+        raise HTTPException(422, 'filters: expected a JSON object like {"gender": "Men"}')
     return filters
 
 
@@ -264,7 +264,9 @@ def _info(recommender: Recommender, settings: ServeSettings) -> dict[str, Any]:
         for name in FILTER_FIELDS
         if name in items.columns
     }
-    model = {k: v for k, v in index.model_info.items() if k in ("embedding_name", "module_class", "checkpoint", "tasks")}
+    model = {
+        k: v for k, v in index.model_info.items() if k in ("embedding_name", "module_class", "checkpoint", "tasks")
+    }
     return {
         "index": {
             "path": str(index.path),
@@ -279,6 +281,9 @@ def _info(recommender: Recommender, settings: ServeSettings) -> dict[str, Any]:
         "text_queries": bool(index.parts) or "clip" in str(model.get("embedding_name", "")).lower(),
         "photo_queries": bool(model.get("checkpoint")) or recommender._encoder is not None,
         "filters": values,
-        "limits": {"max_k": settings.max_k, "default_k": settings.default_k,
-                   "max_upload_bytes": settings.max_upload_bytes},
+        "limits": {
+            "max_k": settings.max_k,
+            "default_k": settings.default_k,
+            "max_upload_bytes": settings.max_upload_bytes,
+        },
     }

@@ -9,13 +9,14 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
+from typing import cast
 
 import hydra
 from omegaconf import DictConfig
 from rich.console import Console
 
 from fashion_lightning.data.source import CatalogNotFoundError, CatalogSource
-from fashion_lightning.retrieval import ModelLoadError, Recommender, RetrievalError
+from fashion_lightning.retrieval import Encoder, ModelLoadError, Recommender, RetrievalError
 from fashion_lightning.serve.app import ServeSettings, create_app
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
 
@@ -37,7 +38,8 @@ def build(cfg: DictConfig):
         if not Path(checkpoint).is_file():
             raise ModelLoadError(f"the index was built from {checkpoint}, which no longer exists")
         recommender = Recommender(
-            recommender.index, ProcessEncoder(checkpoint, int(cfg.inference_workers), cfg.torch_threads).start()
+            recommender.index,
+            cast("Encoder", ProcessEncoder(checkpoint, int(cfg.inference_workers), cfg.torch_threads).start()),
         )
     elif checkpoint and cfg.preload_model:
         if cfg.torch_threads:

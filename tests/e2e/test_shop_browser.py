@@ -141,9 +141,9 @@ def test_shopper_flow(browser, base_url, index_dir, tmp_path):
     expect(page.locator("#like-count")).to_have_text("2")
 
     # 4. a filter chip narrows the results (and the personalised shelf) to that value
-    gender = page.locator('#results .card').first.get_attribute("data-gender")
+    gender = page.locator("#results .card").first.get_attribute("data-gender")
     page.locator(f'.chip-group[data-field="gender"] .chip[data-value="{gender}"]').click()
-    expect(page.locator(f'.chip-group[data-field="gender"] .chip.on')).to_have_text(gender)
+    expect(page.locator('.chip-group[data-field="gender"] .chip.on')).to_have_text(gender)
     page.wait_for_function(
         """g => { const cards = [...document.querySelectorAll('#results .card, #for-you-grid .card')];
                   return cards.length > 0 && cards.every(c => c.dataset.gender === g); }""",

@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from test_recommender import FakeEncoder, catalog, embed_catalog, fused, png_bytes  # noqa: F401 (fixtures)
 
 from fashion_lightning.retrieval import ModelLoadError, Recommender, build_index
 from fashion_lightning.serve import ServeSettings, create_app
-from test_recommender import FakeEncoder, catalog, embed_catalog, fused, png_bytes  # noqa: F401 (fixtures)
 
 MAX_UPLOAD = 64 * 1024
 
 
 @pytest.fixture(scope="module")
-def served(catalog, tmp_path_factory):
+def served(catalog, tmp_path_factory):  # noqa: F811 (imported fixture)
     """(client, catalog frame, images) over a plain index and (client) over a fused (CLIP-like) one."""
     frame, images = catalog
     encoder = FakeEncoder()
@@ -40,7 +40,7 @@ def client(served) -> TestClient:
 
 
 @pytest.fixture(scope="module")
-def fused_client(fused) -> TestClient:
+def fused_client(fused) -> TestClient:  # noqa: F811
     return TestClient(create_app(fused[0], None))
 
 
@@ -67,7 +67,9 @@ def test_health_info_and_docs(client):
     assert info["model"]["embedding_name"] == "fake" and info["text_queries"] is False
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/recommend", "/recommend/image", "/items/{item_id}", "/items/{item_id}/image", "/health", "/info"} <= set(paths)
+    assert {"/recommend", "/recommend/image", "/items/{item_id}", "/items/{item_id}/image", "/health", "/info"} <= set(
+        paths
+    )
 
 
 def test_shop_page_and_its_assets(client):
@@ -98,8 +100,14 @@ def test_browse_with_filters(client):
     women = client.get("/items", params={"limit": 50, "filters": '{"gender": "women"}'}).json()
     assert women["total"] == 80 and women["filters"] == {"gender": ["Women"]}
     assert {i["gender"] for i in women["items"]} == {"Women"}
-    for params, status in (({"limit": 0}, 422), ({"limit": 51}, 422), ({"offset": -1}, 422),
-                           ({"filters": "{gender"}, 422), ({"filters": "[1]"}, 422), ({"filters": '{"colour": "Red"}'}, 422)):
+    for params, status in (
+        ({"limit": 0}, 422),
+        ({"limit": 51}, 422),
+        ({"offset": -1}, 422),
+        ({"filters": "{gender"}, 422),
+        ({"filters": "[1]"}, 422),
+        ({"filters": '{"colour": "Red"}'}, 422),
+    ):
         response = client.get("/items", params=params)
         assert response.status_code == status, params
         _detail(response)
@@ -112,9 +120,16 @@ def test_recommend_item_history_and_filters(client):
     assert result["query"]["kind"] == "item" and {"search_ms", "total_ms", "server_ms"} <= set(result["timings"])
     first = result["results"][0]
     assert first["rank"] == 1 and first["explanation"]["basis"] == "metadata" and first["metadata"]["id"] == first["id"]
-    filtered = client.post("/recommend", json={"item_id": 1000, "k": 4, "filters": {"gender": "Women", "baseColour": ["Red", "Black"]}}).json()
-    assert all(r["metadata"]["gender"] == "Women" and r["metadata"]["baseColour"] in ("Red", "Black") for r in filtered["results"])
-    history = client.post("/recommend", json={"history": [1000, 1010], "disliked": [1020], "half_life": 2, "k": 5}).json()
+    filtered = client.post(
+        "/recommend", json={"item_id": 1000, "k": 4, "filters": {"gender": "Women", "baseColour": ["Red", "Black"]}}
+    ).json()
+    assert all(
+        r["metadata"]["gender"] == "Women" and r["metadata"]["baseColour"] in ("Red", "Black")
+        for r in filtered["results"]
+    )
+    history = client.post(
+        "/recommend", json={"history": [1000, 1010], "disliked": [1020], "half_life": 2, "k": 5}
+    ).json()
     assert history["query"]["liked"] == [1000, 1010] and history["query"]["disliked"] == [1020]
     assert not {1000, 1010, 1020} & {r["id"] for r in history["results"]}
 
@@ -173,7 +188,9 @@ def test_photo_upload(served):
     files = {"photo": ("navy_shirt.jpg", _photo(images[0], "JPEG"), "image/jpeg")}
     result = client.post("/recommend/image", files=files, data={"k": "4", "filters": '{"gender": "Men"}'}).json()
     assert len(result["results"]) == 4 and result["query"]["images"] == ["navy_shirt.jpg"]
-    assert result["query"]["predicted"]["baseColour"] == ["Navy Blue"] and result["query"]["filters"] == {"gender": ["Men"]}
+    assert result["query"]["predicted"]["baseColour"] == ["Navy Blue"] and result["query"]["filters"] == {
+        "gender": ["Men"]
+    }
     assert all(r["metadata"]["gender"] == "Men" for r in result["results"])
     assert "encode_ms" in result["timings"]
     exact = client.post("/recommend/image", files={"photo": ("p.png", png_bytes(images[0]), "image/png")}).json()
@@ -203,7 +220,7 @@ def test_bad_uploads(served, monkeypatch):
     assert client.get("/health").status_code == 200  # nothing took the server down
 
 
-def test_model_that_cannot_load_is_a_503(catalog, tmp_path):
+def test_model_that_cannot_load_is_a_503(catalog, tmp_path):  # noqa: F811
     frame, images = catalog
     build_index(embed_catalog(FakeEncoder(), images), frame, tmp_path, {"embedding_name": "fake"})
 
@@ -225,8 +242,9 @@ def test_concurrent_requests_match_sequential_ones(served):
         if kind == "item":
             response = client.post("/recommend", json={"item_id": value, "k": 5})
         else:
-            response = client.post("/recommend/image", files={"photo": ("p.png", png_bytes(images[value]), "image/png")},
-                                   data={"k": "5"})
+            response = client.post(
+                "/recommend/image", files={"photo": ("p.png", png_bytes(images[value]), "image/png")}, data={"k": "5"}
+            )
         assert response.status_code == 200, response.text
         return [r["id"] for r in response.json()["results"]]
 

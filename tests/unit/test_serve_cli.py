@@ -12,16 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_recommender import FakeEncoder, catalog, embed_catalog, png_bytes  # noqa: F401 (fixture)
 
 from fashion_lightning.retrieval import build_index
 from fashion_lightning.retrieval.manifest import checkpoint_record
-from test_recommender import FakeEncoder, catalog, embed_catalog, png_bytes  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow  # subprocesses: ~5 s each
 
 
 @pytest.fixture(scope="module")
-def index_dir(catalog, tmp_path_factory) -> Path:
+def index_dir(catalog, tmp_path_factory) -> Path:  # noqa: F811 (imported fixture)
     """A synthetic index whose manifest names a damaged checkpoint and an existing catalog folder."""
     frame, images = catalog
     root = tmp_path_factory.mktemp("cli")
@@ -39,18 +39,25 @@ def index_dir(catalog, tmp_path_factory) -> Path:
 
 def _cli(module: str, *overrides: str, tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "FASHION_LIGHTNING_CACHE": str(tmp_path / "cache")}
-    return subprocess.run([sys.executable, "-m", module, *overrides, f"hydra.run.dir={tmp_path / 'run'}"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", module, *overrides, f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 def _bomb_png(path: Path, width: int = 20_000, height: int = 20_000) -> Path:
     """A valid PNG header claiming 400 M pixels (over PIL's limit) with one tiny row of data."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -69,7 +76,9 @@ def test_recommend_turns_bad_input_into_one_line_rc_2(index_dir, tmp_path, overr
     photo.write_bytes(png_bytes(np.full((80, 60, 3), 90, np.uint8)))
     paths = {"PHOTO": photo, "BOMB": _bomb_png(tmp_path / "bomb.png"), "TEXT": tmp_path / "notes.png"}
     paths["TEXT"].write_text("not a photo")
-    overrides = [o.split("=")[0] + "=" + str(paths[o.split("=")[1]]) if o.split("=")[1] in paths else o for o in overrides]
+    overrides = [
+        o.split("=")[0] + "=" + str(paths[o.split("=")[1]]) if o.split("=")[1] in paths else o for o in overrides
+    ]
     done = _cli("fashion_lightning.recommend", f"index_dir={index_dir}", "gallery=false", *overrides, tmp_path=tmp_path)
     assert done.returncode == 2, done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if "fashion-recommend:" in line]
@@ -77,20 +86,19 @@ def test_recommend_turns_bad_input_into_one_line_rc_2(index_dir, tmp_path, overr
 
 
 def test_id_and_history_queries_stay_light(index_dir, tmp_path):
-    """An id query imports neither torch nor Lightning nor matplotlib (start-up is most of a CLI query)."""
-    code = (
-        "import sys\n"
-        "from fashion_lightning.recommend import recommend\n"
-        "from hydra_helpers import make_cfg\n"
-        f"cfg = make_cfg('recommend', {str(tmp_path / 'run')!r}, {str(tmp_path / 'c')!r}, "
-        f"['index_dir={index_dir}', 'query.item_id=1000', 'gallery=false'])\n"
-        "recommend(cfg)\n"
-        "cfg = make_cfg('recommend', '{0}', '{1}', ['index_dir={2}', 'query.history=[1000,1005]', 'gallery=false'])\n"
-        "recommend(cfg)\n"
-        "heavy = sorted(m for m in ('torch', 'lightning', 'timm', 'open_clip', 'matplotlib') if m in sys.modules)\n"
-        "print('HEAVY', heavy)\n"
-    ).replace("'{0}'", repr(str(tmp_path / "run2"))).replace("'{1}'", repr(str(tmp_path / "c"))).replace(
-        "{2}", str(index_dir))
+    """An id or history query imports neither torch nor Lightning nor matplotlib (start-up is most of a CLI
+    query's time), checked in a fresh interpreter."""
+    code = f"""
+import sys
+from fashion_lightning.recommend import recommend
+from hydra_helpers import make_cfg
+for i, query in enumerate(["query.item_id=1000", "query.history=[1000,1005]"]):
+    cfg = make_cfg("recommend", {str(tmp_path)!r} + f"/run{{i}}", {str(tmp_path / "c")!r},
+                   ["index_dir={index_dir}", query, "gallery=false"])
+    recommend(cfg)
+heavy = ("torch", "lightning", "timm", "open_clip", "matplotlib")
+print("HEAVY", sorted(m for m in heavy if m in sys.modules))
+"""
     tests_dir = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": f"{tests_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
