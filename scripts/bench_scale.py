@@ -98,6 +98,7 @@ CONFIGS = {
 
 def worker(args: argparse.Namespace) -> None:
     """Build one configuration, then measure it; prints one JSON line."""
+    import faiss
     import pandas as pd
 
     from fashion_lightning.retrieval import IndexParams, IndexWriter, load_index
@@ -122,9 +123,13 @@ def worker(args: argparse.Namespace) -> None:
     if index.params.rerank:  # one build, several short-list lengths (0 = PQ codes alone)
         lengths = [0, *sorted({index.params.rerank, *(args.rerank or [])})]
         variants = [(f"{args.worker}+rerank{r}" if r else args.worker, replace(index.params, rerank=r)) for r in lengths]
+    if args.nprobe and index.params.type in ("ivf", "ivfpq"):  # query-time knob: same build
+        variants = [(f"{name} nprobe{p}", replace(v, nprobe=p)) for p in args.nprobe for name, v in variants]
     index.search(queries, K)  # warm-up: page in the mapped lists a query stream would keep hot
     for name, search_params in variants:
         index.params = search_params
+        if search_params.type in ("ivf", "ivfpq"):
+            faiss.extract_index_ivf(index.faiss_index).nprobe = search_params.nprobe
         row = measure(index, queries, truth, args.single)
         print(json.dumps({
             "config": name,
@@ -167,6 +172,7 @@ def main() -> None:
     parser.add_argument("--overrides", default="", help='JSON IndexParams overrides for every type, e.g. {"nlist": 1024}')
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rerank", type=int, nargs="*", help="extra IVF-PQ short-list lengths to measure")
+    parser.add_argument("--nprobe", type=int, nargs="*", help="IVF lists probed per query, measured on one build")
     parser.add_argument("--quick", action="store_true", help="20k items, 200 queries")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--cache", type=Path, help="folder to keep the exact top-10 in between runs")
@@ -198,7 +204,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--worker", name, "--workdir", workdir, "--n", str(args.n),
                    "--dim", str(args.dim), "--clusters", str(args.clusters), "--seed", str(args.seed),
                    "--single", str(args.single), "--overrides", args.overrides,
-                   "--rerank", *map(str, args.rerank or [])]  # fmt: skip
+                   "--rerank", *map(str, args.rerank or []), "--nprobe", *map(str, args.nprobe or [])]  # fmt: skip
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode:
                 print(f"{name}: failed\n{done.stderr[-2000:]}", flush=True)

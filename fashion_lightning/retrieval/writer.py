@@ -37,6 +37,7 @@ from fashion_lightning.retrieval.manifest import (
     VECTORS_FILE,
     IndexManifest,
     IndexParams,
+    checkpoint_record,
     file_record,
 )
 from fashion_lightning.retrieval.search import configure_threads
@@ -103,7 +104,11 @@ class IndexWriter:
     ) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.model_info = json.loads(json.dumps(dict(model_info), default=str))
+        info = dict(model_info)
+        checkpoint = info.get("checkpoint")
+        if checkpoint and "checkpoint_file" not in info and Path(checkpoint).is_file():
+            info.update(checkpoint_record(checkpoint, self.out_dir))  # what load_index will check it against
+        self.model_info = json.loads(json.dumps(info, default=str))
         self.params = params or IndexParams()
         if self.params.type not in INDEX_TYPES:
             raise ValueError(f"index type {self.params.type!r} is not one of {INDEX_TYPES}")

@@ -176,3 +176,9 @@ def test_checkpoint_is_recorded_verified_and_moves_with_the_folder(tmp_path):
         load_index(moved)
     outside = checkpoint_record(other, moved)
     assert outside["checkpoint"] == str(other.resolve())  # outside the folder: absolute
+    # build_index given only a checkpoint path records its size + sha256 itself
+    manifest = build_index(clustered(30, 8), meta(30), tmp_path / "plain", {"checkpoint": str(other)})
+    assert manifest.model["checkpoint_file"]["bytes"] == 10
+    other.write_bytes(b"y" * 10)
+    with pytest.raises(IndexIntegrityError, match=r"other\.ckpt: sha256"):
+        load_index(tmp_path / "plain")
