@@ -17,9 +17,12 @@ from rich.console import Console
 from fashion_lightning.data.download import DownloadError, download_dataset, next_commands
 from fashion_lightning.data.source import CatalogNotFoundError
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
+from fashion_lightning.utils.config_check import ConfigError
 from fashion_lightning.utils.reporting import update_json
+from fashion_lightning.utils.task_wrapper import task_wrapper
 
 
+@task_wrapper
 def download(cfg: DictConfig, console: Console | None = None) -> Path:
     console = console or Console()
     root = download_dataset(cfg.handle, cfg.get("target_dir"), force=bool(cfg.force), mode=cfg.mode)
@@ -35,7 +38,7 @@ def main(cfg: DictConfig) -> None:
     quiet_runtime()
     try:
         download(cfg)
-    except (DownloadError, CatalogNotFoundError, FileExistsError) as err:
+    except (ConfigError, DownloadError, CatalogNotFoundError, FileExistsError) as err:
         log.error("%s", err)
         sys.exit(1)
 

@@ -17,8 +17,11 @@ from rich.table import Table
 
 from fashion_lightning.data.eda import EdaResult, run_eda
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
+from fashion_lightning.utils.config_check import one_line_errors
+from fashion_lightning.utils.task_wrapper import task_wrapper
 
 
+@task_wrapper
 def eda(cfg: DictConfig) -> EdaResult:
     datamodule = instantiate(cfg.data)  # writes data_report.json, splits.csv, vocab.json into the run dir
     title = "Synthetic catalog" if not cfg.data.get("root") else "Kaggle catalog"
@@ -44,7 +47,8 @@ def print_summary(result: EdaResult, console: Console | None = None) -> None:
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="eda")
 def main(cfg: DictConfig) -> None:
     quiet_runtime()
-    result = eda(cfg)
+    with one_line_errors(FileNotFoundError):
+        result = eda(cfg)
     log.info("EDA report written to %s", result.report_path)
 
 

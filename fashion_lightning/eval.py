@@ -11,12 +11,15 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from fashion_lightning.models.base import load_module
+from fashion_lightning.models.base import CheckpointError, load_module
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
+from fashion_lightning.utils.config_check import one_line_errors
 from fashion_lightning.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from fashion_lightning.utils.reporting import print_summary, update_json
+from fashion_lightning.utils.task_wrapper import task_wrapper
 
 
+@task_wrapper
 def evaluate(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     module = load_module(cfg.ckpt_path)
@@ -44,7 +47,8 @@ def evaluate(cfg: DictConfig) -> dict:
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="eval")
 def main(cfg: DictConfig) -> None:
     quiet_runtime()
-    evaluate(cfg)
+    with one_line_errors(CheckpointError, FileNotFoundError):
+        evaluate(cfg)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """fashion-recommend: answer one query (photo, text, item, history) from an index folder.
 
 Prints a table, and writes ``recommendations.json`` and ``gallery.png`` into the run dir.
-A bad query or a damaged index ends with a one-line error and a non-zero exit status.
+A bad query, a damaged index or checkpoint ends with a one-line error and exit status 2.
+Item and history queries stay light: they import neither torch nor Lightning (start-up is most of
+a CLI query's time); the model is loaded only for photo and text queries.
 """
 
 from __future__ import annotations
@@ -17,16 +19,21 @@ from fashion_lightning.data.images import to_native
 from fashion_lightning.data.source import CatalogNotFoundError, CatalogSource
 from fashion_lightning.retrieval import RecommendationResult, Recommender, RetrievalError
 from fashion_lightning.retrieval.gallery import render_gallery, results_table
+from fashion_lightning.retrieval.recommender import check_k
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
+from fashion_lightning.utils.config_check import ConfigError
+from fashion_lightning.utils.task_wrapper import task_wrapper
 
 
+@task_wrapper
 def recommend(cfg: DictConfig) -> RecommendationResult:
+    k = check_k(cfg.k)  # before the index loads: k=abc or k=2.5 is a typo, not a query
     recommender = Recommender.from_dir(cfg.index_dir)
     query = OmegaConf.to_container(cfg.query, resolve=True)
     filters = {k: v for k, v in OmegaConf.to_container(cfg.filters, resolve=True).items() if v is not None}
     result = recommender.recommend(
         image=query["image"], text=query["text"], item_id=query["item_id"], history=query["history"],
-        disliked=query["disliked"], half_life=query["half_life"], k=cfg.k, filters=filters,
+        disliked=query["disliked"], half_life=query["half_life"], k=k, filters=filters,
     )  # fmt: skip
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -49,7 +56,7 @@ def main(cfg: DictConfig) -> None:
     quiet_runtime()
     try:
         recommend(cfg)
-    except (RetrievalError, CatalogNotFoundError, FileNotFoundError) as err:
+    except (ConfigError, RetrievalError, CatalogNotFoundError, FileNotFoundError) as err:
         Console(stderr=True, soft_wrap=True).print(f"[bold red]fashion-recommend:[/bold red] {err}")
         sys.exit(2)
 

@@ -4,21 +4,31 @@ from __future__ import annotations
 
 import hydra
 import lightning as L
-import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from fashion_lightning.models.base import CheckpointError, read_checkpoint
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
+from fashion_lightning.utils.config_check import one_line_errors
 from fashion_lightning.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from fashion_lightning.utils.reporting import print_summary, update_json
+from fashion_lightning.utils.run_dir import claim_run_dir, run_dir_of
+from fashion_lightning.utils.task_wrapper import task_wrapper
 
 
+@task_wrapper
 def train(cfg: DictConfig) -> dict[str, float]:
     """Returns the final metrics (also in ``<run dir>/metrics.json``)."""
-    L.seed_everything(cfg.seed, workers=True)
     resume_vocabs = None
-    if cfg.get("ckpt_path"):  # resuming: keep the checkpoint's label space
-        resume_vocabs = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False)["hyper_parameters"]["vocabs"]
+    if cfg.get("ckpt_path"):  # resuming: keep the checkpoint's label space, continue in its run dir
+        resume_vocabs = read_checkpoint(cfg.ckpt_path)["hyper_parameters"]["vocabs"]
+        origin = run_dir_of(cfg.ckpt_path)
+        if cfg.get("resume_in_place", True) and origin is not None:
+            log.info("resuming in the checkpoint's run dir %s (this launch's own folder: %s)", origin, cfg.paths.output_dir)
+            with open_dict(cfg):
+                cfg.paths.output_dir = str(origin)
+    claim_run_dir(cfg.paths.output_dir, cfg.get("ckpt_path"))
+    L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, vocabs=resume_vocabs)
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -31,13 +41,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     trains = cfg.train and getattr(model, "requires_training", True)
     if trains:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.test:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not best:
             log.info("no best checkpoint (not trained, or no checkpoint callback): testing the current weights")
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
         if not trains:  # e.g. a frozen CLIP model: keep a checkpoint for fashion-eval / fashion-index
             frozen = f"{cfg.paths.output_dir}/checkpoints/frozen.ckpt"
@@ -55,7 +65,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     quiet_runtime()
-    metrics = train(cfg)
+    with one_line_errors(CheckpointError, FileNotFoundError):
+        metrics = train(cfg)
     metric = cfg.get("optimized_metric")
     if metric and metric not in metrics:
         raise KeyError(f"optimized_metric {metric!r} was not logged; available: {sorted(k for k in metrics if '/' in k)[:20]}")

@@ -35,13 +35,8 @@ from threadpoolctl import threadpool_limits
 
 DEFAULT_BLAS_THRESHOLD = faiss.cvar.distance_compute_blas_threshold  # before the index module changes it
 
-from fashion_lightning.retrieval.index import (  # noqa: E402
-    BATCH_MIN_QUERIES,
-    bf16_available,
-    build_index,
-    configure_threads,
-    load_index,
-)
+from fashion_lightning.retrieval import build_index, configure_threads, load_index
+from fashion_lightning.retrieval.flat import BATCH_MIN_QUERIES, bf16_available
 
 TARGET_SINGLE_RATIO = 1.5
 TARGET_BATCH_QPS_512 = 4000

@@ -20,11 +20,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fashion_lightning.data.schema import STYLES_HEADER
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
 SHARED_ZIP = SHARED_DIR / "data" / "fashion-product-images-small-dev.zip"
 SYNTHETIC_ITEMS = 200  # enough for every article type plus the quirk rows, generated in < 1 s
-STYLES_HEADER = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"
 
 
 # -- synthetic (unit tests) ------------------------------------------------------------------

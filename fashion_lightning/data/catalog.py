@@ -20,20 +20,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from fashion_lightning.data.schema import COLUMNS, FILL_UNKNOWN, MISSING_VALUES, REQUIRED, UNKNOWN
 from fashion_lightning.data.source import CatalogSource
 
 log = logging.getLogger(__name__)
 
-COLUMNS = (
-    "id", "gender", "masterCategory", "subCategory", "articleType",
-    "baseColour", "season", "year", "usage", "productDisplayName",
-)  # fmt: skip
-TASKS = ("articleType", "baseColour", "gender", "masterCategory", "season", "subCategory")
-OPTIONAL_TASKS = ("usage",)
-FILL_UNKNOWN = ("usage", "baseColour", "season")
-UNKNOWN = "Unknown"
-# what pandas' read_csv (the study's reader) treats as missing in this file: blanks and the literal NA
-MISSING_VALUES = ("", "NA", "N/A", "NaN", "nan", "null")
 _MAX_EXAMPLES = 20  # ids kept per reason in the report (counts are always complete)
 
 
@@ -45,14 +36,15 @@ class DataReport:
     rows_read: int = 0
     rows_kept: int = 0
     repaired: dict[str, int] = field(default_factory=dict)
-    repaired_ids: list[int] = field(default_factory=list)
+    repaired_ids: list[int | str] = field(default_factory=list)
     filled: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)
-    dropped_ids: dict[str, list[int]] = field(default_factory=dict)
+    # ids as they appear in styles.csv: ints, or the raw text when the id is not an integer
+    dropped_ids: dict[str, list[int | str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
-    def drop(self, reason: str, ids: Iterable[int]) -> None:
-        ids = [int(i) for i in ids]
+    def drop(self, reason: str, ids: Iterable[int | str]) -> None:
+        ids = [_id_value(i) for i in ids]
         if not ids:
             return
         self.dropped[reason] = self.dropped.get(reason, 0) + len(ids)
@@ -64,10 +56,9 @@ class DataReport:
         return asdict(self)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2))
-        return path
+        from fashion_lightning.utils.atomic import atomic_write_text
+
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
 
     def summary(self) -> str:
         drops = ", ".join(f"{k}={v}" for k, v in self.dropped.items()) or "none"
@@ -78,9 +69,33 @@ class DataReport:
         )
 
 
+ENCODING_REPAIRED = "name_encoding_repaired"
+
+
+def decode_styles(raw: bytes) -> tuple[str, set[int]]:
+    """styles.csv bytes as text; lines that are not UTF-8 are decoded as cp1252 (latin-1 as the last
+    resort, which cannot fail) instead of being silently mangled. Returns the text and the 1-based
+    numbers of the lines that needed it, so the rows can be counted."""
+    try:
+        return raw.decode("utf-8-sig"), set()
+    except UnicodeDecodeError:
+        pass
+    lines, repaired = [], set()
+    for number, line in enumerate(raw.splitlines(keepends=True), start=1):
+        try:
+            lines.append(line.decode("utf-8-sig" if number == 1 else "utf-8"))
+        except UnicodeDecodeError:
+            repaired.add(number)
+            try:
+                lines.append(line.decode("cp1252"))
+            except UnicodeDecodeError:
+                lines.append(line.decode("latin-1"))
+    return "".join(lines), repaired
+
+
 def parse_styles(raw: bytes, report: DataReport) -> pd.DataFrame:
     """Parse styles.csv bytes into string columns, repairing unquoted commas in the name."""
-    text = raw.decode("utf-8-sig", errors="replace")
+    text, bad_encoding = decode_styles(raw)
     reader = csv.reader(io.StringIO(text))
     header = [h.strip() for h in next(reader, [])]
     missing = [c for c in COLUMNS if c not in header]
@@ -89,16 +104,19 @@ def parse_styles(raw: bytes, report: DataReport) -> pd.DataFrame:
     width = len(header)
     name_col = header.index("productDisplayName")
     rows, short, repaired = [], [], Counter()
-    for line_no, fields in enumerate(reader, start=2):
+    for fields in reader:
         if not fields or all(not f.strip() for f in fields):
             continue
         report.rows_read += 1
+        if reader.line_num in bad_encoding:
+            repaired[ENCODING_REPAIRED] += 1
+            report.repaired_ids.append(_id_value(fields[0]))
         if len(fields) > width and name_col == width - 1:
             repaired[f"name_with_{len(fields) - width}_extra_commas"] += 1
-            report.repaired_ids.append(_int_or(fields[0], line_no))
+            report.repaired_ids.append(_id_value(fields[0]))
             fields = fields[: width - 1] + [",".join(fields[width - 1 :])]
         elif len(fields) != width:
-            short.append(_int_or(fields[0], -line_no))
+            short.append(_id_value(fields[0]))
             continue
         rows.append(fields)
     report.repaired = dict(repaired)
@@ -109,18 +127,19 @@ def parse_styles(raw: bytes, report: DataReport) -> pd.DataFrame:
     return frame[list(COLUMNS)].apply(lambda s: s.str.strip())
 
 
-def _int_or(value: str, default: int) -> int:
+def _id_value(value: object) -> int | str:
+    """An id for the report: the integer when it is one, else the raw text (never a row number)."""
     try:
-        return int(value)
-    except ValueError:
-        return default
+        return int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return "" if value is None else str(value).strip()
 
 
 def clean_styles(frame: pd.DataFrame, report: DataReport, exclude_master_categories: Iterable[str] = ()) -> pd.DataFrame:
     """Apply the study's cleaning rules, recording each by reason."""
-    frame = frame.replace({v: None for v in MISSING_VALUES})
+    frame = frame.replace({v: None for v in sorted(MISSING_VALUES)})
     ids = pd.to_numeric(frame["id"], errors="coerce")
-    report.drop("bad_id (not an integer)", frame.index[ids.isna()])
+    report.drop("bad_id (not an integer)", frame.loc[ids.isna(), "id"])
     frame = frame[ids.notna()].assign(id=ids[ids.notna()].astype("int64"))
     dup = frame["id"].duplicated(keep="first")
     report.drop("duplicate_id", frame.loc[dup, "id"])
@@ -138,7 +157,7 @@ def clean_styles(frame: pd.DataFrame, report: DataReport, exclude_master_categor
         if n:
             report.filled[col] = n
             frame[col] = frame[col].fillna(UNKNOWN)
-    required = [c for c in ("gender", "masterCategory", "subCategory", "articleType") if frame[c].isna().any()]
+    required = [c for c in REQUIRED if frame[c].isna().any()]
     for col in required:
         report.drop(f"missing_{col}", frame.loc[frame[col].isna(), "id"])
         frame = frame[frame[col].notna()]

@@ -19,11 +19,13 @@ import pandas as pd
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader
 
-from fashion_lightning.data.catalog import TASKS, Catalog, load_catalog
+from fashion_lightning.data.catalog import Catalog, load_catalog
 from fashion_lightning.data.class_weights import balanced_class_weights
 from fashion_lightning.data.dataset import FashionDataset, seed_worker_transform
 from fashion_lightning.data.image_cache import ImageCache, attach_images, build_image_cache
 from fashion_lightning.data.images import NATIVE_HW
+from fashion_lightning.data.schema import ALL_TASKS, TASKS
+from fashion_lightning.data.sampling import EpochShuffleSampler
 from fashion_lightning.data.splits import SPLITS, load_splits, save_splits, stratified_split
 from fashion_lightning.data.vocab import LabelVocabs
 
@@ -65,9 +67,9 @@ class FashionDataModule(L.LightningDataModule):
         super().__init__()
         if split not in EVAL_SPLITS:
             raise ValueError(f"split must be one of {EVAL_SPLITS}, got {split!r}")
-        unknown = [t for t in tasks if t not in (*TASKS, "usage")]
+        unknown = [t for t in tasks if t not in ALL_TASKS]
         if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; choose from {(*TASKS, 'usage')}")
+            raise ValueError(f"unknown task(s) {unknown}; choose from {ALL_TASKS}")
         if batch_size < 1 or num_workers < 0:
             raise ValueError(f"batch_size must be >= 1 and num_workers >= 0 (got {batch_size}, {num_workers})")
         if max_items is not None and max_items < 10:
@@ -88,6 +90,7 @@ class FashionDataModule(L.LightningDataModule):
         self.frames: dict[str, pd.DataFrame] = {}
         self.class_weights: dict[str, Any] = {}
         self.datasets: dict[str, FashionDataset] = {}
+        self.epoch = 0  # the epoch the next train pass shuffles by (EpochShuffleSampler; set by EpochSeed)
 
     # -- preparation ----------------------------------------------------------------------
     def catalog_root(self) -> Path:
@@ -186,7 +189,7 @@ class FashionDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=batch,
-            shuffle=train,
+            sampler=EpochShuffleSampler(len(dataset), self.hparams.split_seed, self) if train else None,
             drop_last=train and len(dataset) > batch,
             num_workers=workers,
             pin_memory=self.hparams.pin_memory,

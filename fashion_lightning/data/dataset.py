@@ -49,6 +49,7 @@ class FashionDataset(Dataset):
         self.texts = list(texts)
         self.transform = transform
         self._images: np.memmap | None = None
+        self._stream_seed: int | None = None  # the epoch seed the augmentation was last reseeded with
 
     def __len__(self) -> int:
         return len(self.cache_rows)
@@ -68,7 +69,13 @@ class FashionDataset(Dataset):
         """The native HxWx3 uint8 image (no augmentation)."""
         return np.array(self.images[self.cache_rows[index]])  # a copy: memmap pages are read-only
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        if isinstance(index, tuple):  # (index, epoch seed) from EpochShuffleSampler: reseed once per epoch + worker
+            index, seed = index
+            if seed != self._stream_seed and hasattr(self.transform, "set_random_seed"):
+                info = torch.utils.data.get_worker_info()
+                self.transform.set_random_seed((seed + 7919 * (info.id if info else 0)) % 2**32)
+                self._stream_seed = seed
         img = self.image(index)
         if self.transform is not None:
             img = self.transform(image=img)["image"]

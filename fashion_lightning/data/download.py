@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
+import time
 from pathlib import Path
 
 from fashion_lightning.data.source import CatalogNotFoundError, CatalogSource
+from fashion_lightning.utils.atomic import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -54,27 +55,43 @@ def validate_catalog(path: str | Path) -> CatalogSource:
     return source
 
 
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
+def move_aside(target: Path) -> Path:
+    """Rename ``target`` to ``<target>.old-<timestamp>`` (never delete what the user owns)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = target.with_name(f"{target.name}.old-{stamp}")
+    n = 1
+    while aside.exists() or aside.is_symlink():
+        aside = target.with_name(f"{target.name}.old-{stamp}-{n}")
+        n += 1
+    os.rename(target, aside)
+    log.warning("moved the existing %s aside to %s (force=true); delete it yourself when no longer needed", target, aside)
+    return aside
+
+
 def _place(src: Path, target: Path, mode: str) -> Path:
-    """Copy (atomically: temp sibling + rename) or symlink ``src`` to ``target``."""
+    """Copy or symlink ``src`` to ``target``; only an absent target or an empty folder is replaced.
+
+    The copy is built in a temporary folder beside the target (same filesystem) and renamed in,
+    so an interrupted copy never leaves a partial catalog under the target's name, and a target
+    that gained files meanwhile is never overwritten (the rename fails instead).
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.is_symlink() or target.exists():
-        if target.is_symlink() or target.is_file():
-            target.unlink()
-        else:
-            shutil.rmtree(target)
+    if (target.exists() or target.is_symlink()) and not _is_empty_dir(target):
+        raise FileExistsError(f"{target} exists and is not an empty folder; not replacing it")
     if mode == "link":
+        if _is_empty_dir(target):
+            target.rmdir()
         target.symlink_to(src.resolve(), target_is_directory=src.is_dir())
         return target
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_dir(target, prefix=f".{target.name}.tmp-") as tmp:  # renames onto an absent/empty target only
         if src.is_dir():
-            shutil.copytree(src, tmp, dirs_exist_ok=True)
+            shutil.copytree(src, tmp, dirs_exist_ok=True, symlinks=True)
         else:
             shutil.copy2(src, tmp / src.name)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -83,28 +100,33 @@ def download_dataset(
 ) -> Path:
     """Download ``handle`` with kagglehub; optionally copy/link it to ``target_dir``; return the ``data.root``.
 
-    An existing valid catalog in ``target_dir`` is kept (no download) unless ``force``.
+    An existing valid catalog in ``target_dir`` is kept (no download) unless ``force``. Nothing the
+    user has is deleted: without ``force`` a non-empty target (or a file) is refused; with ``force``
+    it is moved aside to ``<target>.old-<timestamp>`` once the new download has been validated.
     Raises :class:`DownloadError` when kagglehub fails, :class:`CatalogNotFoundError` when
     the files are not a Kaggle-layout catalog.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     target = Path(target_dir).expanduser().absolute() if target_dir else None
-    if target is not None and target.exists() and not force:
+    occupied = target is not None and (target.exists() or target.is_symlink()) and not _is_empty_dir(target)
+    if occupied and not force:
         try:
             source = validate_catalog(target)
         except CatalogNotFoundError:
-            if target.is_dir() and any(target.iterdir()):
-                raise FileExistsError(
-                    f"{target} exists, is not empty and holds no catalog; choose another target_dir or force=true"
-                ) from None
-        else:
-            log.info("%s already holds the catalog (%d images); force=true downloads again", target, len(source.image_ids))
-            return target
+            kind = "a file" if target.is_file() else "not empty"
+            raise FileExistsError(
+                f"{target} exists ({kind}) and holds no catalog; choose another target_dir, or force=true "
+                "to move it aside"
+            ) from None
+        log.info("%s already holds the catalog (%d images); force=true downloads again", target, len(source.image_ids))
+        return target
     log.info("downloading %s with kagglehub ...", handle)
     path = _kagglehub_download(handle, force)
     validate_catalog(path)
     if target is not None:
+        if occupied:
+            move_aside(target)
         log.info("%s %s -> %s", "linking" if mode == "link" else "copying", path, target)
         path = _place(path, target, mode)
     source = validate_catalog(path)

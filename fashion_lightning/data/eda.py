@@ -10,30 +10,31 @@ and writes into ``output_dir``:
 
 The missing-value table is computed on the raw ``styles.csv`` (after comma repair, before
 cleaning) and counts both blank fields and the literal ``NA`` that pandas, and so the study,
-read as missing. Figures use matplotlib's object API on an Agg canvas (no pyplot state).
+read as missing. Figures come from :mod:`fashion_lightning.utils.figures` (Agg canvas, no pyplot state).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from fashion_lightning.data.catalog import COLUMNS, DataReport, parse_styles
+from fashion_lightning.data.catalog import DataReport, parse_styles
+from fashion_lightning.data.schema import COLUMNS, MISSING_VALUES
 from fashion_lightning.data.splits import SPLITS
+from fashion_lightning.utils.figures import new_figure, save_figure
 
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "eda_report.md"
-#: strings pandas.read_csv reads as missing by default (the study loaded styles.csv with pandas)
-NA_LITERALS = frozenset({"NA", "N/A", "n/a", "NaN", "nan", "NULL", "null", "None", "#N/A", "<NA>"})
+#: the non-blank texts cleaning treats as missing (schema.MISSING_VALUES, i.e. pandas.read_csv's defaults)
+NA_LITERALS = MISSING_VALUES - {""}
 _MD_ROWS = 15  # rows of long tables shown in the Markdown (the CSV has them all)
 
 
@@ -120,16 +121,11 @@ def _fmt(value) -> str:
 
 # -- figures --------------------------------------------------------------------------------
 def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
+    return new_figure(width, height, layout="constrained")
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    fig.clear()  # release the artists now; no pyplot registry holds a reference
-    return path
+    return save_figure(fig, path, dpi=100, clear=True)  # cleared: no pyplot registry holds a reference
 
 
 def bar_figure(dist: pd.DataFrame, title: str, top_n: int) -> Figure:
@@ -173,7 +169,9 @@ def split_figure(table: pd.DataFrame, title: str) -> Figure:
     height = 0.8 / max(1, k)
     positions = np.arange(n)[::-1]
     for j, col in enumerate(shares.columns):
-        ax.barh(positions + (k / 2 - j - 0.5) * height, shares[col].to_numpy(), height, label=str(col).removesuffix(" %"))
+        ax.barh(
+            positions + (k / 2 - j - 0.5) * height, shares[col].to_numpy(), height, label=str(col).removesuffix(" %")
+        )
     ax.set_yticks(positions, [str(i) for i in shares.index], fontsize=8)
     ax.set_xlabel("% of the split")
     ax.legend(fontsize=8)
@@ -217,7 +215,9 @@ def run_eda(datamodule, output_dir: str | Path, attributes: Sequence[str] = ("ma
         plots_dir / "gender_x_articleType.png",
     )
     season_gender = table("season_x_gender", crosstab(frame, "season", "gender"))
-    plots["season_x_gender"] = _save(heatmap_figure(season_gender, "season x gender"), plots_dir / "season_x_gender.png")
+    plots["season_x_gender"] = _save(
+        heatmap_figure(season_gender, "season x gender"), plots_dir / "season_x_gender.png"
+    )
     sizes = pd.DataFrame({"items": [len(frames[s]) for s in SPLITS]}, index=pd.Index(SPLITS, name="split"))
     sizes["percent"] = (100.0 * sizes["items"] / max(1, sizes["items"].sum())).round(2)
     table("split_sizes", sizes)
@@ -230,7 +230,9 @@ def run_eda(datamodule, output_dir: str | Path, attributes: Sequence[str] = ("ma
             plots_dir / f"split_{attr}.png",
         )
 
-    md = _markdown(datamodule, title, raw, missing, dists, gender_article, season_gender, sizes, split_tables, plots, out)
+    md = _markdown(
+        datamodule, title, raw, missing, dists, gender_article, season_gender, sizes, split_tables, plots, out
+    )
     report_path = out / REPORT_NAME
     report_path.write_text(md, encoding="utf-8")
     log.info("EDA report: %s", report_path)
@@ -255,17 +257,21 @@ def _markdown(dm, title, raw, missing, dists, gender_article, season_gender, siz
     parts = [
         f"# {title or 'Data report'}: `{source}`",
         f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} from `{report.source}`. "
-        "Tables are complete in `tables/*.csv`; `data_report.json`, `splits.csv` and `vocab.json` sit beside this file.",
+        "Tables are complete in `tables/*.csv`; "
+        "`data_report.json`, `splits.csv` and `vocab.json` sit beside this file.",
         "## Cleaning",
         f"**{report.rows_read:,} rows read, {report.rows_kept:,} kept** "
         f"({report.rows_read - report.rows_kept:,} dropped, {sum(report.repaired.values()):,} repaired).",
         "### Repaired rows (unquoted commas in productDisplayName, fields joined back into the name)",
-        markdown_table(_counts(dict(sorted(report.repaired.items())), "repair"), None) + "\n\nids: "
-        + ", ".join(map(str, report.repaired_ids[:40])) + (" ..." if len(report.repaired_ids) > 40 else "")
-        if report.repaired else "None.",
+        markdown_table(_counts(dict(sorted(report.repaired.items())), "repair"), None)
+        + "\n\nids: "
+        + ", ".join(map(str, report.repaired_ids[:40]))
+        + (" ..." if len(report.repaired_ids) > 40 else "")
+        if report.repaired
+        else "None.",
         "### Dropped rows by reason",
         markdown_table(_counts(report.dropped, "reason", report.dropped_ids), None) if report.dropped else "None.",
-        "### Missing values filled with \"Unknown\"",
+        '### Missing values filled with "Unknown"',
         markdown_table(_counts(report.filled, "column"), None) if report.filled else "None.",
         *(["### Notes", *[f"- {_cut(n)}" for n in report.notes]] if report.notes else []),
         f"## Missing values in the raw styles.csv ({len(raw):,} parsed rows, before cleaning)",
@@ -289,7 +295,11 @@ def _markdown(dm, title, raw, missing, dists, gender_article, season_gender, siz
         markdown_table(sizes, None),
     ]
     for attr, tab in split_tables.items():
-        parts += [f"### {attr} per split", f"![{attr} per split]({rel[f'split_{attr}']})", markdown_table(tab, _MD_ROWS + 1)]
+        parts += [
+            f"### {attr} per split",
+            f"![{attr} per split]({rel[f'split_{attr}']})",
+            markdown_table(tab, _MD_ROWS + 1),
+        ]
     vocab = pd.DataFrame(
         {
             "classes": [len(dm.vocabs[t]) for t in dm.vocabs.tasks],
@@ -307,7 +317,9 @@ def _cut(text: str, limit: int = 400) -> str:
     return text if len(text) <= limit else text[:limit] + " ... (full text in data_report.json)"
 
 
-def _counts(counts: dict[str, int], name: str, examples: dict[str, list[int]] | None = None) -> pd.DataFrame:
+def _counts(
+    counts: dict[str, int], name: str, examples: Mapping[str, Sequence[int | str]] | None = None
+) -> pd.DataFrame:
     frame = pd.DataFrame({"rows": list(counts.values())}, index=pd.Index(list(counts), name=name))
     if examples is not None:
         frame["example ids"] = [", ".join(map(str, examples.get(k, [])[:10])) for k in counts]

@@ -16,10 +16,23 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 NATIVE_HW: tuple[int, int] = (80, 60)
 PAD_VALUE = 255  # catalog photos sit on white; letterbox bars blend in
+_CENTRE = (0.5 - 1e-7, 0.5 - 1e-7)  # floor((W - w) / 2) for any margin below 5e6 pixels
+
+
+CORRUPT = "corrupt_image (cannot be decoded)"
+TOO_LARGE = "image_too_large (decompression bomb)"
 
 
 class ImageDecodeError(ValueError):
-    """Raised when bytes are not a decodable image (with the reason)."""
+    """Bytes that are not a decodable image, or one over PIL's pixel limit (``reason`` says which).
+
+    The one error type every caller catches: the image cache drops and counts the item by
+    ``reason``; query photos (recommend / serve) turn it into a user error.
+    """
+
+    def __init__(self, message: str, reason: str = CORRUPT) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def open_image(data: bytes | str | Path) -> Image.Image:
@@ -29,7 +42,9 @@ def open_image(data: bytes | str | Path) -> Image.Image:
             data = Path(data).read_bytes()
         img = Image.open(io.BytesIO(data))
         img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:  # a few KB can claim gigapixels
+        raise ImageDecodeError(f"image too large to decode safely ({err})", TOO_LARGE) from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
         raise ImageDecodeError(f"not a decodable image ({type(err).__name__}: {err})") from err
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16/32-bit and float greyscale
@@ -59,9 +74,9 @@ def letterbox(img: Image.Image, size_hw: tuple[int, int] = NATIVE_HW) -> np.ndar
         img.draft("RGB", (new_w * 2, new_h * 2))
         img = img.reduce(max(1, img.width // (new_w * 2)))
     resized = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    canvas = Image.new("RGB", (w, h), (PAD_VALUE,) * 3)
-    canvas.paste(resized, ((w - new_w) // 2, (h - new_h) // 2))
-    return np.asarray(canvas, dtype=np.uint8)
+    # PIL's own letterbox; a centering just under 0.5 puts the smaller half of an odd margin on the
+    # left/top, as this function always has, so image caches built before stay valid
+    return np.asarray(ImageOps.pad(resized, (w, h), color=(PAD_VALUE,) * 3, centering=_CENTRE), dtype=np.uint8)
 
 
 def to_native(data: bytes | str | Path | Image.Image, size_hw: tuple[int, int] = NATIVE_HW) -> np.ndarray:

@@ -53,19 +53,18 @@ class CatalogSource:
 
     def _locate(self) -> tuple[str, dict[int, str]]:
         names = self._names()
-        styles = sorted((n for n in names if PurePosixPath(n).name == STYLES_NAME), key=lambda n: (n.count("/"), n))
+        styles = sorted((n for n in names if n.rpartition("/")[2] == STYLES_NAME), key=lambda n: (n.count("/"), n))
         if not styles:
             raise CatalogNotFoundError(
                 f"no {STYLES_NAME} found in {self.root} (looked {_MAX_DEPTH} folders deep); "
                 "expected the Kaggle layout: styles.csv next to an images/ folder"
             )
         styles_path = styles[0]
-        base = PurePosixPath(styles_path).parent
-        image_dir = base / "images"
+        base = str(PurePosixPath(styles_path).parent)
+        prefix = "images/" if base == "." else f"{base}/images/"
         images: dict[int, str] = {}
-        for n in names:
-            p = PurePosixPath(n)
-            if p.parent == image_dir and (m := _IMAGE_RE.match(p.name)):
+        for n in names:  # plain string tests: PurePosixPath per name cost ~1 s on the 44k-file zip
+            if n.startswith(prefix) and "/" not in (name := n[len(prefix):]) and (m := _IMAGE_RE.match(name)):
                 images[int(m.group(1))] = n
         return styles_path, images
 

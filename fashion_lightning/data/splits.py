@@ -36,10 +36,11 @@ def stratified_split(
 
 
 def save_splits(frame: pd.DataFrame, split: pd.Series, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({"id": frame["id"].to_numpy(), "split": split.to_numpy()}).to_csv(path, index=False)
-    return path
+    from fashion_lightning.utils.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        pd.DataFrame({"id": frame["id"].to_numpy(), "split": split.to_numpy()}).to_csv(tmp, index=False)
+    return Path(path)
 
 
 def load_splits(frame: pd.DataFrame, path: str | Path) -> pd.Series:

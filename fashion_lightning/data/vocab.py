@@ -122,10 +122,9 @@ class LabelVocabs(Mapping[str, TaskVocab]):
         return cls(TaskVocab(t, tuple(c)) for t, c in data.items())
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2))
-        return path
+        from fashion_lightning.utils.atomic import atomic_write_text
+
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> LabelVocabs:

@@ -3,7 +3,7 @@
 from fashion_lightning.evaluation.callback import EvaluationCallback, write_metrics_json
 from fashion_lightning.evaluation.plots import confusion_matrix_figure, pca_scatter_figure, save_figure
 from fashion_lightning.evaluation.retrieval import (
-    ItemRetrievalMetrics,
+    chunked_topk,
     metric_keys,
     nearest_neighbours,
     retrieval_metrics,
@@ -12,7 +12,7 @@ from fashion_lightning.evaluation.retrieval import (
 
 __all__ = [
     "EvaluationCallback",
-    "ItemRetrievalMetrics",
+    "chunked_topk",
     "confusion_matrix_figure",
     "metric_keys",
     "nearest_neighbours",

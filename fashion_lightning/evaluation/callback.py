@@ -26,15 +26,15 @@ from torchmetrics.functional.classification import (
     multiclass_f1_score,
 )
 
+from fashion_lightning.data.schema import IGNORE_INDEX, UNKNOWN
 from fashion_lightning.evaluation.plots import confusion_matrix_figure, pca_scatter_figure, save_figure
 from fashion_lightning.evaluation.retrieval import retrieval_metrics_by_relevance
 from fashion_lightning.utils.reporting import update_json
+from fashion_lightning.utils.subsample import seeded_subsample
 
 log = logging.getLogger(__name__)
 
 STAGES = ("val", "test")
-IGNORE_INDEX = -1
-UNKNOWN_LABEL = "Unknown"
 
 
 class EpochOutputs:
@@ -127,9 +127,12 @@ def classification_metrics(
             continue
         preds = logits[task].float()
         num_classes = int(vocabs.num_classes[task])
-        common = dict(num_classes=num_classes, ignore_index=IGNORE_INDEX)
-        metrics[f"acc/{task}"] = float(multiclass_accuracy(preds, target, average="micro", **common))
-        metrics[f"f1/{task}"] = float(multiclass_f1_score(preds, target, average="macro", **common))
+        metrics[f"acc/{task}"] = float(
+            multiclass_accuracy(preds, target, num_classes, average="micro", ignore_index=IGNORE_INDEX)
+        )
+        metrics[f"f1/{task}"] = float(
+            multiclass_f1_score(preds, target, num_classes, average="macro", ignore_index=IGNORE_INDEX)
+        )
         metrics[f"baseline/{task}"] = majority_baseline(target)
     return metrics
 
@@ -277,9 +280,11 @@ class EvaluationCallback(L.Callback):
             log.warning("evaluation: tasks %s are not in the vocabulary %s; ignored", missing, vocabs.tasks)
         return [t for t in wanted if t in logits and t in vocabs.tasks]
 
-    def _retrieval(self, embedding: torch.Tensor, labels: torch.Tensor, vocabs: Any, device: torch.device) -> dict[str, float]:
+    def _retrieval(
+        self, embedding: torch.Tensor, labels: torch.Tensor, vocabs: Any, device: torch.device
+    ) -> dict[str, float]:
         """``retrieval/*`` (same articleType) and ``retrieval_strict/*``, on a seeded subsample if large."""
-        rows = _seeded_subsample(embedding.shape[0], self.max_retrieval_items, self.seed)
+        rows = seeded_subsample(embedding.shape[0], self.max_retrieval_items, self.seed)
         if rows is not None:
             log.info("evaluation: retrieval on a seeded subsample of %d of %d items", rows.numel(), embedding.shape[0])
             embedding, labels = embedding[rows], labels[rows]
@@ -310,7 +315,7 @@ class EvaluationCallback(L.Callback):
             _log_figure(trainer, f"{stage}/{name}", figure, path)
 
     def _figures(self, stage: str, outputs: Mapping[str, Any], pl_module: L.LightningModule) -> dict[str, Figure]:
-        vocabs = pl_module.vocabs
+        vocabs: Any = pl_module.vocabs
         labels = outputs["labels"].long()
         logits = outputs.get("logits", {})
         figures: dict[str, Figure] = {}
@@ -323,7 +328,9 @@ class EvaluationCallback(L.Callback):
             confmat = multiclass_confusion_matrix(
                 logits[task].float(), target, num_classes=int(vocabs.num_classes[task]), ignore_index=IGNORE_INDEX
             )
-            figures[f"confusion_{task}"] = confusion_matrix_figure(confmat, vocabs[task].classes, f"{stage} confusion: {task}")
+            figures[f"confusion_{task}"] = confusion_matrix_figure(
+                confmat, vocabs[task].classes, f"{stage} confusion: {task}"
+            )
         if "embedding" in outputs:
             name = getattr(pl_module, "embedding_name", "embedding")
             for attribute in self.pca_attributes:
@@ -331,7 +338,7 @@ class EvaluationCallback(L.Callback):
                 if column is None or not bool((column != IGNORE_INDEX).any()):
                     continue
                 classes = vocabs[attribute].classes
-                names = [classes[i] if i >= 0 else UNKNOWN_LABEL for i in column.tolist()]
+                names = [classes[i] if i >= 0 else UNKNOWN for i in column.tolist()]
                 title = f"{stage} PCA of {name} embeddings by {attribute}"
                 figures[f"pca_{attribute}"] = pca_scatter_figure(outputs["embedding"], names, title, seed=self.seed)
         return figures
@@ -344,13 +351,6 @@ def _log_figure(trainer: L.Trainer, tag: str, figure: Figure, path: Path) -> Non
             logger.experiment.add_figure(tag, figure, global_step=trainer.global_step, close=False)
         elif isinstance(logger, WandbLogger):
             logger.log_image(key=tag, images=[str(path)])
-
-
-def _seeded_subsample(n: int, max_items: int, seed: int) -> torch.Tensor | None:
-    if n <= max_items:
-        return None
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(n, generator=generator)[:max_items].sort().values
 
 
 def _gather(outputs: dict[str, Any], trainer: L.Trainer) -> dict[str, Any]:

@@ -26,7 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-KAGL_CATEGORY_FIELDS: tuple[str, ...] = ("masterCategory", "subCategory", "articleType", "baseColour")
+from fashion_lightning.data.schema import KAGL_CATEGORY_FIELDS
+from fashion_lightning.evaluation.retrieval import chunked_topk
+
 KAGL_DOC_WEIGHTS: tuple[float, float] = (0.9, 0.1)  # image, text
 KAGL_MAX_QUERIES = 2000
 SKIP_VALUES: frozenset[str] = frozenset({"", "nan", "None", "Other", "Unknown", "NA", "<unknown>"})
@@ -72,12 +74,7 @@ def keyed_retrieval(
     n_relevant = counts[qk].float()
     if bool((n_relevant == 0).any()):
         raise ValueError("every query needs at least one relevant document")
-    hits_all = []
-    for start in range(0, len(q), chunk):
-        scores = q[start : start + chunk] @ d.T
-        idx = scores.topk(top, dim=1).indices
-        hits_all.append(dk[idx] == qk[start : start + chunk].unsqueeze(1))
-    hits = torch.cat(hits_all).float()  # [Q, top]
+    hits = (dk[chunked_topk(q, d, top, chunk)] == qk.unsqueeze(1)).float()  # [Q, top]
     out: dict[str, float] = {}
     for k in ks:
         found = hits[:, : min(k, top)].sum(dim=1)
@@ -110,7 +107,8 @@ def text_to_image(
     """
     if len(texts) != len(text_emb) or len(texts) != len(image_emb):
         raise ValueError(f"texts ({len(texts)}), text_emb ({len(text_emb)}), image_emb ({len(image_emb)}) differ")
-    keys, first = {}, []
+    keys: dict[str, int] = {}
+    first: list[int] = []
     doc_keys = np.empty(len(texts), dtype=np.int64)
     for i, text in enumerate(texts):
         key = keys.setdefault(str(text), len(keys))

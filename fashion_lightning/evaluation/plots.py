@@ -1,7 +1,8 @@
 """Evaluation figures (confusion matrix, PCA of embeddings) as pure functions returning Figures.
 
-Figures are built with the object-oriented API on an Agg canvas, never through pyplot,
-so nothing needs a display and no global figure state leaks between epochs.
+Figures come from :func:`fashion_lightning.utils.figures.new_figure` (Agg canvas, no pyplot),
+so nothing needs a display and no global figure state leaks between epochs. The PCA is
+scikit-learn's (exact SVD; its sign convention makes the axes deterministic).
 """
 
 from __future__ import annotations
@@ -12,17 +13,14 @@ from pathlib import Path
 
 import torch
 from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from fashion_lightning.utils.figures import new_figure as _new_figure
+from fashion_lightning.utils.figures import save_figure as _save_figure
+from fashion_lightning.utils.subsample import seeded_subsample
 
 OTHER = "Other"
 _ANNOTATE_MAX_CLASSES = 15  # beyond this, per-cell numbers are unreadable
-
-
-def _new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
 
 
 def confusion_matrix_figure(
@@ -70,23 +68,29 @@ def _annotate_cells(ax, rates: torch.Tensor) -> None:
     for row in range(rates.shape[0]):
         for col in range(rates.shape[1]):
             value = float(rates[row, col])
-            ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value > 0.5 else "black")
+            ax.text(
+                col,
+                row,
+                f"{value:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if value > 0.5 else "black",
+            )
 
 
 def pca_2d(embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact 2-D PCA: ``(coords [N,2], explained variance ratio [2])``; deterministic signs."""
-    x = embeddings.detach().double().cpu()
-    x = x - x.mean(dim=0, keepdim=True)
-    eigvals, eigvecs = torch.linalg.eigh(x.T @ x)
-    order = eigvals.argsort(descending=True)[:2]
-    components = eigvecs[:, order]
-    signs = torch.sign(components.gather(0, components.abs().argmax(dim=0, keepdim=True)))
-    components = components * signs
-    coords = x @ components
-    ratio = eigvals[order].clamp(min=0) / eigvals.clamp(min=0).sum().clamp(min=1e-12)
-    if coords.shape[1] < 2:  # 1-D embeddings: nothing to show on the second axis
-        coords = torch.cat([coords, torch.zeros_like(coords)], dim=1)
-        ratio = torch.cat([ratio, torch.zeros(1, dtype=ratio.dtype)])
+    """Exact 2-D PCA (scikit-learn, full SVD): ``(coords [N,2], explained variance ratio [2])``."""
+    from sklearn.decomposition import PCA  # imported on first plot: costs ~1 s
+
+    x = embeddings.detach().double().cpu().numpy()
+    n_components = min(2, x.shape[1], x.shape[0])
+    pca = PCA(n_components=n_components, svd_solver="full")
+    coords = torch.from_numpy(pca.fit_transform(x))
+    ratio = torch.from_numpy(pca.explained_variance_ratio_).nan_to_num(0.0)
+    if n_components < 2:  # 1-D embeddings (or a single point): nothing to show on the second axis
+        coords = torch.cat([coords, torch.zeros(coords.shape[0], 2 - n_components, dtype=coords.dtype)], dim=1)
+        ratio = torch.cat([ratio, torch.zeros(2 - n_components, dtype=ratio.dtype)])
     return coords.float(), ratio.float()
 
 
@@ -105,7 +109,8 @@ def pca_scatter_figure(
     """
     if embeddings.shape[0] != len(labels):
         raise ValueError(f"{embeddings.shape[0]} embeddings but {len(labels)} labels")
-    keep = _subsample(embeddings.shape[0], max_points, seed)
+    rows = seeded_subsample(embeddings.shape[0], max_points, seed)
+    keep = torch.arange(embeddings.shape[0]) if rows is None else rows
     coords, ratio = pca_2d(embeddings[keep])
     shown = [labels[i] for i in keep.tolist()]
     top = [name for name, _ in Counter(shown).most_common(top_classes)]
@@ -127,21 +132,11 @@ def pca_scatter_figure(
     return fig
 
 
-def _subsample(n: int, max_points: int, seed: int) -> torch.Tensor:
-    if n <= max_points:
-        return torch.arange(n)
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(n, generator=generator)[:max_points].sort().values
-
-
 def _palette(n: int) -> list:
     cmap = colormaps["tab10" if n <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(n)]
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
-    """Write ``fig`` as an image (format from the suffix), creating parent folders."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    return path
+    """Write ``fig`` as an image (format from the suffix, atomically), creating parent folders."""
+    return _save_figure(fig, path, dpi, bbox_inches="tight")

@@ -10,6 +10,13 @@ Definitions (binary relevance, ``R`` = number of relevant items for the query):
 ``precision@k`` = hits in the top k / k; ``hit_rate@k`` = 1 if any hit in the top k;
 ``map@k`` = sum over ranks r <= k of precision@r * rel_r, divided by min(k, R);
 ``ndcg@k`` = DCG@k / ideal DCG@k with gains rel_r / log2(r + 1).
+
+precision, hit_rate and ndcg are exactly torchmetrics' ``retrieval_precision`` /
+``retrieval_hit_rate`` / ``retrieval_normalized_dcg`` (tests/unit/test_retrieval_metrics.py checks
+them against those functions); they are computed here in one vectorised pass over a ``[Q, k]`` hit
+matrix because torchmetrics' functions take one query per call (a Python loop over 20,000 queries).
+``map@k`` is the project's own, normalised by ``min(k, R)`` (torchmetrics' ``top_k`` variant divides
+by the hits found instead), as defined above and checked against a brute-force reference.
 """
 
 from __future__ import annotations
@@ -17,8 +24,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
 
 METRIC_NAMES = ("precision", "hit_rate", "map", "ndcg")
 
@@ -80,13 +85,17 @@ def retrieval_metrics_by_relevance(
     if not ks or min(ks) < 1:
         raise ValueError(f"ks must be positive integers, got {ks}")
     if embeddings.ndim != 2 or labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(f"expected embeddings [N,D] and labels [N,...], got {tuple(embeddings.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"expected embeddings [N,D] and labels [N,...], got {tuple(embeddings.shape)} and {tuple(labels.shape)}"
+        )
     emb = embeddings.detach().float()
     labels = labels.to(emb.device)
     groups = {name: relevance_groups(labels, columns) for name, columns in relevance.items()}
     num_relevant = {name: _num_relevant(group) for name, group in groups.items()}
     searched = torch.nonzero(torch.stack([n > 0 for n in num_relevant.values()]).any(dim=0)).squeeze(1)
-    neighbours = torch.full((emb.shape[0], max(0, min(max(ks), emb.shape[0] - 1))), -1, dtype=torch.long, device=emb.device)
+    neighbours = torch.full(
+        (emb.shape[0], max(0, min(max(ks), emb.shape[0] - 1))), -1, dtype=torch.long, device=emb.device
+    )
     neighbours[searched] = nearest_neighbours(emb, searched, neighbours.shape[1], chunk_size)
 
     out: dict[str, dict[str, torch.Tensor]] = {}
@@ -101,14 +110,26 @@ def retrieval_metrics_by_relevance(
     return out
 
 
-def nearest_neighbours(emb: torch.Tensor, queries: torch.Tensor, k: int, chunk_size: int = 1024) -> torch.Tensor:
-    """``[Q, k]`` indices of each query's most similar items (dot product), the query itself excluded."""
-    parts = [torch.empty((0, k), dtype=torch.long, device=emb.device)]
-    for chunk in queries.split(chunk_size):
-        sims = emb[chunk] @ emb.T
-        sims[torch.arange(chunk.numel(), device=emb.device), chunk] = float("-inf")
+def chunked_topk(
+    queries: torch.Tensor, docs: torch.Tensor, k: int, chunk_size: int = 1024, exclude: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[Q, k]`` indices of the ``docs`` with the largest dot product per query row.
+
+    The one exact top-k of the package's evaluations: ``chunk_size`` queries at a time, so memory
+    stays at ``chunk_size x N``. ``exclude[i]`` names a document query ``i`` may not return (itself).
+    """
+    parts = [torch.empty((0, k), dtype=torch.long, device=docs.device)]
+    for start in range(0, queries.shape[0], chunk_size):
+        sims = queries[start : start + chunk_size] @ docs.T
+        if exclude is not None:
+            sims[torch.arange(sims.shape[0], device=sims.device), exclude[start : start + chunk_size]] = float("-inf")
         parts.append(sims.topk(k, dim=1).indices)
     return torch.cat(parts)
+
+
+def nearest_neighbours(emb: torch.Tensor, queries: torch.Tensor, k: int, chunk_size: int = 1024) -> torch.Tensor:
+    """``[Q, k]`` indices of each query's most similar items (dot product), the query itself excluded."""
+    return chunked_topk(emb[queries], emb, k, chunk_size, exclude=queries)
 
 
 def _metric_sums(hits: torch.Tensor, num_relevant: torch.Tensor, ks: Sequence[int]) -> dict[str, torch.Tensor]:
@@ -131,42 +152,3 @@ def _metric_sums(hits: torch.Tensor, num_relevant: torch.Tensor, ks: Sequence[in
         ideal = ideal_dcg[num_relevant.clamp(max=last + 1) - 1]
         out[f"ndcg@{k}"] = (cum_dcg[:, last] / ideal).sum()
     return out
-
-
-class ItemRetrievalMetrics(Metric):
-    """Accumulates ``(embeddings, labels)`` over batches and computes ``retrieval_metrics`` on all of them.
-
-    States are concatenated across processes (``dist_reduce_fx="cat"``), so in DDP every item
-    queries the whole split, not just its own shard.
-    """
-
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(
-        self,
-        ks: Sequence[int] = (1, 5, 10),
-        relevance_columns: Sequence[int] = (0,),
-        chunk_size: int = 1024,
-        **kwargs,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.ks = tuple(int(k) for k in ks)
-        self.relevance_columns = tuple(int(c) for c in relevance_columns)
-        self.chunk_size = int(chunk_size)
-        self.add_state("embeddings", default=[], dist_reduce_fx="cat")
-        self.add_state("labels", default=[], dist_reduce_fx="cat")
-
-    def update(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        self.embeddings.append(embeddings.detach().float())
-        self.labels.append(labels.detach().long().reshape(labels.shape[0], -1))
-
-    def compute(self) -> dict[str, torch.Tensor]:
-        return retrieval_metrics(
-            dim_zero_cat(self.embeddings),
-            dim_zero_cat(self.labels),
-            ks=self.ks,
-            relevance_columns=self.relevance_columns,
-            chunk_size=self.chunk_size,
-        )

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import timm
+from timm.data import resolve_model_data_config
 from torch import nn
 
 from fashion_lightning.models.hub import hub_download
@@ -53,5 +54,5 @@ def normalisation(backbone: nn.Module, pretrained: bool | str) -> tuple[tuple[fl
         from fashion_lightning.models.offline_weights import LITE0_MEAN, LITE0_STD
 
         return tuple(LITE0_MEAN), tuple(LITE0_STD)
-    cfg = getattr(backbone, "pretrained_cfg", {}) or {}
-    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+    cfg = resolve_model_data_config(backbone)  # the model's pretrained_cfg, else ImageNet's
+    return tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"])

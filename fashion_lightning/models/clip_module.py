@@ -213,8 +213,12 @@ class ClipFusionModule(FashionModule):
     @torch.no_grad()
     def image_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Heads when trained with them, else zero-shot prompts."""
+        return self.image_outputs(images)[1]
+
+    @torch.no_grad()
+    def image_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         embedding = self.embed_images(images)
-        return self._head_logits(embedding) if self.heads else self.zero_shot_logits(embedding)
+        return embedding, self._head_logits(embedding) if self.heads else self.zero_shot_logits(embedding)
 
     def _head_logits(self, image_embedding: torch.Tensor) -> dict[str, torch.Tensor]:
         return {task: head(image_embedding) for task, head in self.heads.items()}

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -1  # label value for "unknown to the vocabulary": excluded from loss and metrics
+from fashion_lightning.data.schema import IGNORE_INDEX
 
 
 def fill_class_weights(

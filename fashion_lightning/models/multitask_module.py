@@ -163,6 +163,11 @@ class MultiTaskModule(FashionModule):
         with torch.no_grad():
             return self.net(images.to(self.device), flip_tta=self.hparams.flip_tta)[0]
 
+    @torch.no_grad()
+    def image_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits, embedding = self.net(images.to(self.device))  # heads and embedding share the backbone pass
+        return embedding, logits
+
     # -- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self) -> dict:
         """Heads at ``lr``; backbone at ``lr * backbone_lr_ratio`` (times ``layer_decay ** depth``)."""

@@ -9,25 +9,30 @@ Typical use::
 """
 
 from fashion_lightning.retrieval.explain import Explanation
-from fashion_lightning.retrieval.index import (
+from fashion_lightning.retrieval.manifest import (
     IndexIntegrityError,
     IndexManifest,
+    IndexMemoryError,
     IndexParams,
-    IndexWriter,
-    LoadedIndex,
     RetrievalError,
-    build_index,
-    configure_threads,
-    load_index,
 )
 from fashion_lightning.retrieval.recommender import (
     FILTER_FIELDS,
     Encoder,
+    ModelLoadError,
+    PhotoTooLargeError,
     QueryError,
     Recommendation,
+    UnknownItemError,
     RecommendationResult,
     Recommender,
 )
+from fashion_lightning.retrieval.search import (
+    LoadedIndex,
+    configure_threads,
+    load_index,
+)
+from fashion_lightning.retrieval.writer import IndexWriter, build_index
 
 __all__ = [
     "FILTER_FIELDS",
@@ -35,14 +40,18 @@ __all__ = [
     "Explanation",
     "IndexIntegrityError",
     "IndexManifest",
+    "IndexMemoryError",
     "IndexParams",
     "IndexWriter",
     "LoadedIndex",
+    "ModelLoadError",
+    "PhotoTooLargeError",
     "QueryError",
     "Recommendation",
     "RecommendationResult",
     "Recommender",
     "RetrievalError",
+    "UnknownItemError",
     "build_index",
     "configure_threads",
     "load_index",

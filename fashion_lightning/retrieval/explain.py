@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-EXPLAIN_FIELDS = ("gender", "masterCategory", "subCategory", "articleType", "baseColour", "season", "usage")
+from fashion_lightning.data.schema import EXPLAIN_FIELDS
+
 PART_KEYS = {"image": "image_embedding", "text": "text_embedding"}
 FIT_TOLERANCE = 1e-3
 
@@ -43,21 +44,20 @@ class Explanation:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Explanation:
-        return cls(**data)
 
-
-def attributes_of_rows(rows: pd.DataFrame, weights: Sequence[float] | None = None) -> QueryAttributes:
-    """Weighted value shares of catalog rows (one item, or a user's liked items)."""
-    w = np.ones(len(rows)) if weights is None else np.asarray(weights, dtype=np.float64)
+def attributes_of_rows(
+    rows: pd.DataFrame | Sequence[Mapping[str, Any]], weights: Sequence[float] | None = None
+) -> QueryAttributes:
+    """Weighted value shares of catalog rows (one item, or a user's liked items): a frame or records."""
+    records = rows.to_dict(orient="records") if isinstance(rows, pd.DataFrame) else rows
+    w = np.ones(len(records)) if weights is None else np.asarray(weights, dtype=np.float64)
     w = w / w.sum()
     out: QueryAttributes = {}
     for name in EXPLAIN_FIELDS:
-        if name not in rows.columns:
-            continue
         shares: dict[str, float] = {}
-        for value, weight in zip(rows[name].astype(str), w):
+        for record, weight in zip(records, w):
+            value = record.get(name)
+            value = "" if value is None else str(value)
             if value and value != "nan":
                 shares[value] = shares.get(value, 0.0) + float(weight)
         if shares:

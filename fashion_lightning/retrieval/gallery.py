@@ -12,8 +12,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from rich.table import Table
 
 from fashion_lightning.data.images import NATIVE_HW
@@ -40,11 +38,12 @@ def render_gallery(
     describes (its text, the query item's photo, or the most recent liked items' photos).
     Size is deterministic: ``columns x rows`` panels of ``PANEL_INCHES`` at ``dpi``.
     """
+    from fashion_lightning.utils.figures import new_figure, save_figure  # only galleries pay matplotlib's import
+
     panels = 1 + len(result.results)
     cols = max(1, min(columns, panels))
     rows = math.ceil(panels / cols)
-    fig = Figure(figsize=(cols * PANEL_INCHES[0], rows * PANEL_INCHES[1]), dpi=dpi)
-    FigureCanvasAgg(fig)
+    fig = new_figure(cols * PANEL_INCHES[0], rows * PANEL_INCHES[1], dpi=dpi)
     axes = [fig.add_subplot(rows, cols, i + 1) for i in range(rows * cols)]
     for ax in axes:
         ax.set_axis_off()
@@ -59,10 +58,7 @@ def render_gallery(
             caption += textwrap.wrap(f"shares: {shared}", 30)[:2]
         ax.text(0.5, -0.03, "\n".join(caption), transform=ax.transAxes, ha="center", va="top", fontsize=6)
     fig.subplots_adjust(left=0.02, right=0.98, top=0.93, bottom=0.12, wspace=0.15, hspace=0.55)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=dpi, facecolor="white")
-    return out_path
+    return save_figure(fig, out_path, dpi, facecolor="white")
 
 
 def _draw_query(ax, result, image_loader, query_images, query_text) -> None:

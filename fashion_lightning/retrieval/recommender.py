@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import io
 import json
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,19 +22,33 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from fashion_lightning.data.images import PAD_VALUE, ImageDecodeError, to_native
+from fashion_lightning.data.images import ImageDecodeError, letterbox, open_image
+from fashion_lightning.data.schema import FILTER_FIELDS
 from fashion_lightning.retrieval import explain
-from fashion_lightning.retrieval.index import LoadedIndex, RetrievalError, load_index
+from fashion_lightning.retrieval.manifest import RetrievalError
+from fashion_lightning.retrieval.search import LoadedIndex, load_index
 
 if TYPE_CHECKING:
     import torch
 
-FILTER_FIELDS = ("gender", "masterCategory", "subCategory", "articleType", "baseColour")
+MAX_OVERFETCH = 256  # excluded rows up to which an unfiltered query over-fetches instead of masking
 ImageLike = Union[str, Path, bytes, np.ndarray, Image.Image]
 
 
 class QueryError(RetrievalError, ValueError):
     """The query cannot be answered as asked (unknown id, bad filter, unreadable photo, ...)."""
+
+
+class UnknownItemError(QueryError):
+    """A query names an item id the index does not hold."""
+
+
+class ModelLoadError(RetrievalError):
+    """The model the index names cannot be loaded (missing or damaged checkpoint)."""
+
+
+class PhotoTooLargeError(QueryError):
+    """A query photo has more pixels than PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``)."""
 
 
 @runtime_checkable
@@ -50,6 +66,10 @@ class Encoder(Protocol):
     def predict_attributes(self, images: torch.Tensor) -> dict[str, list[str]]:
         """uint8 [B, 3, H, W] -> {task: [B] labels}; {} without heads."""
 
+    # optional: ``embed_and_predict(images) -> (embeddings, {task: labels})`` from one forward pass;
+    # photo queries use it when the encoder has it (FashionModule does), else call the two above.
+    # optional: ``accepts_numpy = True``: images come as uint8 numpy arrays instead of torch tensors.
+
 
 @dataclass
 class Recommendation:
@@ -62,10 +82,6 @@ class Recommendation:
     def to_dict(self) -> dict[str, Any]:
         return {**{k: getattr(self, k) for k in ("rank", "id", "score", "metadata")},
                 "explanation": self.explanation.to_dict()}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Recommendation:
-        return cls(**{**data, "explanation": explain.Explanation.from_dict(data["explanation"])})
 
 
 @dataclass
@@ -83,14 +99,6 @@ class RecommendationResult:
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> RecommendationResult:
-        return cls(data["query"], [Recommendation.from_dict(r) for r in data["results"]], dict(data["timings"]))
-
-    @classmethod
-    def from_json(cls, text: str) -> RecommendationResult:
-        return cls.from_dict(json.loads(text))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -116,6 +124,7 @@ class Recommender:
         self._encoder_loader = encoder_loader or _checkpoint_loader(index.model_info)
         self.groups = _duplicate_groups(index.items)
         self._values: dict[str, dict[str, str]] = {}
+        self._records: list[dict[str, Any]] | None = None
 
     @classmethod
     def from_dir(
@@ -137,6 +146,15 @@ class Recommender:
                 )
             self._encoder = self._encoder_loader()
         return self._encoder
+
+    def records(self, rows: Sequence[int] | np.ndarray) -> list[dict[str, Any]]:
+        """JSON-ready metadata of index rows (built once: pandas row access costs ~1 ms a query)."""
+        if self._records is None:
+            self._records = [
+                {key: _plain(value) for key, value in row.items()}
+                for row in self.index.items.to_dict(orient="records")
+            ]
+        return [self._records[int(r)] for r in rows]
 
     # -- queries ---------------------------------------------------------------------------------
 
@@ -179,12 +197,9 @@ class Recommender:
             raise QueryError("no query image given")
         natives, digests, labels = zip(*(decode_query_image(image, i) for i, image in enumerate(images)))
         batch = _to_tensor(np.stack(natives), self.encoder)
-        vectors = self._checked(_infer(self.encoder.embed_images, batch), "image")
+        embedded, predictions = _infer(_embed_and_predict, self.encoder, batch)
+        vectors = self._checked(embedded, "image")
         query = _unit(vectors.mean(axis=0), "the query photos' embeddings cancel out")
-        try:
-            predictions = _infer(self.encoder.predict_attributes, batch) or {}
-        except NotImplementedError:
-            predictions = {}
         attributes = explain.attributes_of_predictions(predictions)
         sha1s = {d for d in digests if d}
         exclude = []
@@ -220,7 +235,7 @@ class Recommender:
         """More like this catalog item (the item and byte-identical copies of its photo are excluded)."""
         start = time.perf_counter()
         rows = self._rows([item_id], "item_id")
-        attributes = explain.attributes_of_rows(self.index.items.iloc[rows])
+        attributes = explain.attributes_of_rows(self.records(rows))
         query = _unit(self.index.vectors(rows)[0], f"item {item_id} has a zero vector")
         return self._run(
             query, k, filters, rows, {"kind": "item", "item_id": int(item_id)},
@@ -258,7 +273,7 @@ class Recommender:
         if len(disliked_rows):
             profile = profile - beta * self.index.vectors(disliked_rows).mean(axis=0)
         query = _unit(profile, "the liked and disliked items cancel out; like more items or lower beta")
-        attributes = explain.attributes_of_rows(self.index.items.iloc[liked_rows], w)
+        attributes = explain.attributes_of_rows(self.records(liked_rows), w)
         description = {"kind": "history", "liked": liked, "disliked": disliked,
                        "weights": [round(float(x), 6) for x in w / w.sum()], "beta": beta}
         return self._run(
@@ -276,7 +291,7 @@ class Recommender:
         mask = np.ones(self.index.n, dtype=bool)
         clean: dict[str, list[str]] = {}
         for name, value in (filters or {}).items():
-            if value is None or (not isinstance(value, str) and len(value) == 0) or value == "":
+            if value is None or value == "" or (isinstance(value, (list, tuple)) and len(value) == 0):
                 continue
             if name not in FILTER_FIELDS:
                 close = difflib.get_close_matches(name, FILTER_FIELDS, n=1)
@@ -284,7 +299,13 @@ class Recommender:
                 raise QueryError(f"unknown filter {name!r}{hint}; filters are {', '.join(FILTER_FIELDS)}")
             if name not in items.columns:
                 raise QueryError(f"this index has no {name!r} column to filter on")
-            wanted = [self._canonical(name, v) for v in ([value] if isinstance(value, str) else list(value))]
+            values = [value] if isinstance(value, str) else value
+            if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
+                raise QueryError(
+                    f"filters.{name}={value!r}: filter values are names (a string or a list of strings), "
+                    f"e.g. filters.{name}={self._example(name)!r}"
+                )
+            wanted = [self._canonical(name, v) for v in values]
             clean[name] = wanted
             mask &= items[name].isin(wanted).to_numpy()
         if clean and not mask.any():
@@ -295,6 +316,10 @@ class Recommender:
             if self.groups is not None:
                 mask &= ~np.isin(self.groups, self.groups[exclude])
         return (None if mask.all() else mask), clean
+
+    def _example(self, name: str) -> str:
+        values = self.index.items[name].astype(str)
+        return str(values.mode().iloc[0]) if len(values) else "..."
 
     def _canonical(self, name: str, value: Any) -> str:
         if name not in self._values:
@@ -319,18 +344,16 @@ class Recommender:
         timings: dict[str, float],
         start: float,
     ) -> RecommendationResult:
-        if int(k) < 1:
-            raise QueryError(f"k must be >= 1, got {k}")
+        k = check_k(k)
         allowed, clean = self.allowed_rows(filters, exclude_rows)
         t = time.perf_counter()
-        scores, rows = self.index.search_filtered(query, int(k), allowed, self.groups)
+        scores, rows = self._search(query, k, allowed, bool(clean))
         timings["search_ms"] = _ms(t)
         t = time.perf_counter()
         parts = self._score_parts(query, rows)
-        records = self.index.items.iloc[rows].to_dict(orient="records")
         results = []
-        for rank, (row_meta, score, part) in enumerate(zip(records, scores, parts), start=1):
-            metadata = {key: _plain(value) for key, value in row_meta.items()}
+        for rank, (metadata, score, part) in enumerate(zip(self.records(rows), scores, parts), start=1):
+            metadata = dict(metadata)
             explanation = explainer(metadata)
             explanation.parts = part
             results.append(Recommendation(rank, int(metadata["id"]), float(score), metadata, explanation))
@@ -338,6 +361,20 @@ class Recommender:
         timings["total_ms"] = _ms(start)
         description.update(k=int(k), filters=clean, index=str(self.index.path))
         return RecommendationResult(description, results, {key: round(v, 3) for key, v in timings.items()})
+
+    def _search(
+        self, query: np.ndarray, k: int, allowed: np.ndarray | None, filtered: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Filtered top-k. A mask that only drops a few excluded rows (the query item, its photo's
+        copies, a history) is cheaper as an over-fetch of the unmasked search: each excluded row takes
+        at most one slot, so the top ``k + excluded`` unique rows hold the exact answer."""
+        if allowed is not None and not filtered:
+            excluded = self.index.n - int(allowed.sum())
+            if excluded <= MAX_OVERFETCH:
+                scores, rows = self.index.search_filtered(query, k + excluded, None, self.groups)
+                keep = allowed[rows]
+                return scores[keep][:k], rows[keep][:k]
+        return self.index.search_filtered(query, k, allowed, self.groups)
 
     def _score_parts(self, query: np.ndarray, rows: np.ndarray) -> list[dict[str, float] | None]:
         parts = self.index.parts
@@ -354,7 +391,7 @@ class Recommender:
         rows = self.index.rows_of(ids)
         if (rows < 0).any():
             unknown = ids[rows < 0].tolist()
-            raise QueryError(
+            raise UnknownItemError(
                 f"{what}: unknown item id(s) {unknown[:10]}; the index holds {self.index.n} items "
                 f"(ids {int(self.index.ids.min())}..{int(self.index.ids.max())})"
             )
@@ -375,46 +412,85 @@ class Recommender:
         return vectors
 
 
+def check_k(k: Any, most: int | None = None) -> int:
+    """``k`` as a positive int: refuses strings, floats and bools rather than truncating them."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise QueryError(f"k must be a whole number >= 1, got {k!r}")
+    if k < 1 or (most is not None and k > most):
+        raise QueryError(f"k must be between 1 and {most}, got {k}" if most else f"k must be >= 1, got {k}")
+    return int(k)
+
+
 def decode_query_image(image: ImageLike, position: int) -> tuple[np.ndarray, str | None, str]:
-    """Native uint8 array, sha1 of the file bytes (for duplicate exclusion) and a label for the report."""
+    """Native uint8 array, sha1 of the file bytes (for duplicate exclusion) and a label for the report.
+
+    Every form goes through the catalog's decoder (:func:`open_image`): in-memory arrays and PIL images
+    are handed to it as lossless bytes, so a photo is treated the same whichever way it arrives.
+    """
+    digest: str | None = None
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
             raise QueryError(f"query image {path}: no such file")
         data, label = path.read_bytes(), str(path)
+        digest = hashlib.sha1(data).hexdigest()
     elif isinstance(image, bytes):
         data, label = image, f"<bytes #{position}>"
+        digest = hashlib.sha1(data).hexdigest()
     elif isinstance(image, (np.ndarray, Image.Image)):
-        return to_native(_flatten_alpha(image)), None, f"<{type(image).__name__} #{position}>"
+        data, label = _lossless_bytes(image), f"<{type(image).__name__} #{position}>"
     else:
         raise QueryError(f"query image #{position}: unsupported type {type(image).__name__}")
     try:
-        native = to_native(data)
+        with warnings.catch_warnings():  # PIL only warns between 1x and 2x its pixel limit: refuse those too
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            native = letterbox(open_image(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise PhotoTooLargeError(f"query image {label}: {err}") from err
     except ImageDecodeError as err:
+        if isinstance(err.__cause__, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+            raise PhotoTooLargeError(f"query image {label}: {err}") from err
         raise QueryError(f"query image {label}: {err}") from err
-    return native, hashlib.sha1(data).hexdigest(), label
+    return native, digest, label
 
 
-def _flatten_alpha(image: np.ndarray | Image.Image) -> Image.Image:
-    """In-memory images in any mode -> RGB, transparency composited on the catalog's white."""
+def _lossless_bytes(image: np.ndarray | Image.Image) -> bytes:
+    """In-memory image -> PNG (or TIFF for modes PNG cannot hold) bytes for :func:`open_image`."""
     if isinstance(image, np.ndarray):
         if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)) or image.size == 0:
             raise QueryError(f"query image array must be HxW, HxWx3 or HxWx4, got shape {image.shape}")
         if image.dtype != np.uint8:
             raise QueryError(f"query image array must be uint8, got {image.dtype}")
         image = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        background = Image.new("RGBA", image.size, (PAD_VALUE, PAD_VALUE, PAD_VALUE, 255))
-        image = Image.alpha_composite(background, image.convert("RGBA"))
-    if image.mode.startswith("I;16"):
-        image = image.point(lambda v: v / 256).convert("L")
-    return image.convert("RGB")
+    buffer = io.BytesIO()
+    png = image.mode in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA")
+    image.save(buffer, format="PNG" if png else "TIFF", **({"compress_level": 0} if png else {}))
+    return buffer.getvalue()
 
 
-def _to_tensor(natives: np.ndarray, encoder: Encoder) -> torch.Tensor:
+def _embed_and_predict(encoder: Encoder, images: torch.Tensor) -> tuple[Any, dict[str, list[str]]]:
+    """Embeddings and predicted attributes of query photos, in one forward pass where the encoder can."""
+    both = getattr(encoder, "embed_and_predict", None)
+    if callable(both):
+        embedded, predictions = both(images)
+        return embedded, dict(predictions or {})
+    embedded = encoder.embed_images(images)
+    try:
+        predictions = encoder.predict_attributes(images) or {}
+    except NotImplementedError:
+        predictions = {}
+    return embedded, dict(predictions)
+
+
+def _to_tensor(natives: np.ndarray, encoder: Encoder) -> torch.Tensor | np.ndarray:
+    """[B, H, W, 3] -> [B, 3, H, W] on the encoder's device (a numpy array for ``accepts_numpy`` encoders,
+    e.g. the server's worker processes, so the serving process never imports torch)."""
+    channels_first = np.ascontiguousarray(natives.transpose(0, 3, 1, 2))
+    if getattr(encoder, "accepts_numpy", False):
+        return channels_first
     import torch
 
-    batch = torch.from_numpy(np.ascontiguousarray(natives.transpose(0, 3, 1, 2)))
+    batch = torch.from_numpy(channels_first)
     device = getattr(encoder, "device", None)
     return batch.to(device) if device is not None else batch
 
@@ -427,6 +503,8 @@ def _is_given(value: Any) -> bool:
 
 def _infer(fn: Callable[..., Any], *args: Any) -> Any:
     """Run an encoder call without autograd bookkeeping."""
+    if isinstance(args[-1], np.ndarray) or getattr(getattr(fn, "__self__", None), "accepts_numpy", False):
+        return fn(*args)  # runs elsewhere (worker processes): nothing to track here
     import torch
 
     with torch.inference_mode():
@@ -476,10 +554,13 @@ def _checkpoint_loader(model_info: Mapping[str, Any]) -> Callable[[], Encoder] |
 
     def load() -> Encoder:
         if not Path(checkpoint).is_file():
-            raise QueryError(f"the index was built from {checkpoint}, which no longer exists; pass encoder=")
+            raise ModelLoadError(f"the index was built from {checkpoint}, which no longer exists; pass encoder=")
         from fashion_lightning.models.base import load_module
 
-        return load_module(checkpoint)  # in eval mode
+        try:
+            return load_module(checkpoint)  # in eval mode
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as err:
+            raise ModelLoadError(f"cannot load the index's model {checkpoint}: {err}") from err
 
     return load
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
-
-import torch
 
 from fashion_lightning.utils.malloc import keep_freed_memory
 
@@ -26,4 +25,6 @@ def quiet_runtime() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*is not writable.*")
-    torch.set_float32_matmul_precision("high")
+    torch = sys.modules.get("torch")  # id/history queries never import torch (start-up time); model apps have
+    if torch is not None:
+        torch.set_float32_matmul_precision("high")

@@ -57,3 +57,32 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:
     return atomic_write_bytes(path, text.encode(encoding))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str], *, prefix: str = ".building-", mode: int = 0o755) -> Iterator[Path]:
+    """Yield a new temporary folder beside ``path``; on success it is renamed onto ``path``.
+
+    For artefacts that are folders (image caches, generated catalogs, downloads). The rename only
+    succeeds onto an absent name or an empty folder, so nothing that exists is ever overwritten:
+    when ``path`` meanwhile holds files (another process finished first), :class:`FileExistsError`
+    is raised and our copy discarded. On any exception the temporary folder is removed.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+    try:
+        tmp.chmod(mode)  # mkdtemp makes it owner-only; caches may be shared
+        yield tmp
+        try:
+            os.rename(tmp, final)
+        except OSError as err:
+            if final.exists():
+                raise FileExistsError(f"{final} exists and is not empty; not replacing it") from err
+            raise
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(final.parent)

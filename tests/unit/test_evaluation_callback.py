@@ -188,7 +188,9 @@ def test_nothing_is_logged_or_written_during_sanity_check(fitted):
 def test_missing_logits_and_embedding_leave_only_bookkeeping(tmp_path):
     callback = EvaluationCallback(enabled_stages=("val",))
     trainer = make_trainer(tmp_path, [callback])
-    trainer.validate(OracleModule(with_logits=False, with_embedding=False, with_extra=False), dataloaders=loader(make_labels()))
+    trainer.validate(
+        OracleModule(with_logits=False, with_embedding=False, with_extra=False), dataloaders=loader(make_labels())
+    )
     data = json.loads((tmp_path / "metrics.json").read_text())
     assert set(data) == {"val/epoch", "val/global_step"}
     assert callback.results == {}
@@ -222,8 +224,18 @@ def test_write_metrics_json_merges_stages(tmp_path):
 
 
 def test_merge_outputs_and_drop_duplicate_ids():
-    part = {"labels": torch.tensor([[0], [1]]), "id": torch.tensor([7, 8]), "text": ["a", "b"], "logits": {"t": torch.eye(2)}}
-    padded = {"labels": torch.tensor([[1]]), "id": torch.tensor([7]), "text": ["a-again"], "logits": {"t": torch.ones(1, 2)}}
+    part = {
+        "labels": torch.tensor([[0], [1]]),
+        "id": torch.tensor([7, 8]),
+        "text": ["a", "b"],
+        "logits": {"t": torch.eye(2)},
+    }
+    padded = {
+        "labels": torch.tensor([[1]]),
+        "id": torch.tensor([7]),
+        "text": ["a-again"],
+        "logits": {"t": torch.ones(1, 2)},
+    }
     merged = drop_duplicate_ids(merge_outputs([part, padded]))
     assert merged["id"].tolist() == [7, 8]
     assert merged["text"] == ["a", "b"]

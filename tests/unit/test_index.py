@@ -9,16 +9,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fashion_lightning.retrieval.index import (
-    MANIFEST_FILE,
+from fashion_lightning.retrieval import (
     IndexIntegrityError,
     IndexParams,
     IndexWriter,
     build_index,
     load_index,
-    sha256_file,
 )
-from fashion_lightning.retrieval.index import bf16_available
+from fashion_lightning.retrieval.flat import bf16_available
+from fashion_lightning.retrieval.manifest import MANIFEST_FILE, sha256_file
 
 MODEL_INFO = {"checkpoint": None, "embedding_name": "random", "module_class": "None", "tasks": ["articleType"]}
 
@@ -234,6 +233,6 @@ def test_bf16_search_is_exact_under_near_ties(tmp_path):
     build_index(vectors, metadata(3000)[["id"]], tmp_path, MODEL_INFO)
     index = load_index(tmp_path, verify=False)
     queries = np.vstack([base + unit_vectors(64, 64, seed=10) * 0.01])
-    scores, rows = index.search(queries, 5, engine="bf16")
+    scores, _ = index.search(queries, 5, engine="bf16")
     exact = np.sort(queries @ vectors.T, axis=1)[:, ::-1][:, :5]
     np.testing.assert_allclose(scores, exact, atol=1e-6)

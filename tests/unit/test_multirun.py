@@ -32,6 +32,8 @@ def test_two_job_grid_gets_separate_dirs_and_a_summary(tmp_path):
         metrics = json.loads((job / "metrics.json").read_text())
         assert "val/acc/articleType" in metrics
         assert (job / "checkpoints" / "last.ckpt").exists()
+        assert "seed: " in (job / "config_tree.txt").read_text()  # task_wrapper's extras, per job
+        assert not (job / "FAILED.txt").exists()
     rows = list(csv.DictReader((sweep / "sweep_summary.csv").open()))
     assert sorted(r["job"] for r in rows) == ["0", "1"]
     assert {r["overrides"].split()[0] for r in rows} == {"seed=1", "seed=2"}

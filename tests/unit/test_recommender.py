@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import itertools
 import re
 import zlib
@@ -17,7 +18,9 @@ import torch
 from PIL import Image
 from rich.console import Console
 
+from fashion_lightning.data import schema
 from fashion_lightning.retrieval import FILTER_FIELDS, QueryError, Recommender, RecommendationResult, build_index
+from fashion_lightning.retrieval.recommender import ModelLoadError
 from fashion_lightning.retrieval.gallery import PANEL_INCHES, render_gallery, results_table
 
 COLOURS = {"Navy Blue": (20, 30, 110), "Red": (200, 30, 30), "Black": (15, 15, 15), "White": (235, 235, 235)}
@@ -275,7 +278,7 @@ def test_filter_validation(recommender):
         recommender.by_item(1000, filters={"articleType": "Watches", "subCategory": "Topwear"})
     result = recommender.by_item(1000, k=3, filters={"gender": "men", "baseColour": None, "usage": []})
     assert result.query["filters"] == {"gender": ["Men"]}  # case-insensitive, empty filters ignored
-    assert set(FILTER_FIELDS) == {"gender", "masterCategory", "subCategory", "articleType", "baseColour"}
+    assert FILTER_FIELDS == schema.FILTER_FIELDS  # one list, in data/schema.py
 
 
 def test_unknown_ids_and_bad_queries(recommender):
@@ -329,8 +332,29 @@ def test_encoder_is_loaded_only_for_photo_and_text(catalog, tmp_path):
     rec.by_images(images[5])
     rec.by_images(images[6])
     assert loads == [1]
-    with pytest.raises(QueryError, match="no longer exists"):
+    with pytest.raises(ModelLoadError, match="no longer exists"):
         Recommender.from_dir(tmp_path).by_images(images[5])
+    damaged = tmp_path / "damaged.ckpt"
+    damaged.write_bytes(b"PK\x03\x04 not a checkpoint")
+    build_index(embed_catalog(encoder, images), frame, tmp_path / "d", {**model_info, "checkpoint": str(damaged)})
+    with pytest.raises(ModelLoadError, match="cannot load the index's model .*damaged.ckpt"):
+        Recommender.from_dir(tmp_path / "d").by_images(images[5])
+
+
+@pytest.mark.parametrize("k", ["abc", 2.5, True, "3", 0, -1])
+def test_k_must_be_a_positive_whole_number(recommender, k):
+    with pytest.raises(QueryError, match="k must be"):
+        recommender.by_item(1000, k=k)
+
+
+@pytest.mark.parametrize("filters, message", [
+    ({"gender": 2015}, r"filters.gender=2015: filter values are names.*e.g. filters.gender='(Men|Women)'"),
+    ({"baseColour": ["Red", 3]}, "filter values are names"),
+    ({"year": 2015}, "unknown filter 'year'"),
+])
+def test_non_string_filters_are_refused(recommender, filters, message):
+    with pytest.raises(QueryError, match=message):
+        recommender.by_item(1000, filters=filters)
 
 
 def test_encoder_must_match_the_index(recommender, catalog, tmp_path):
@@ -343,13 +367,47 @@ def test_encoder_must_match_the_index(recommender, catalog, tmp_path):
         renamed.by_images(images[0])
 
 
-def test_json_round_trip(recommender, fused, tmp_path):
+def test_saved_json_is_the_result(recommender, fused, tmp_path):
     results = (recommender.by_item(1000, k=4, filters={"gender": "Men"}), fused[0].by_text("black watch", k=3))
     for result in results:
-        restored = RecommendationResult.from_json(result.to_json())
-        assert restored == result
-        assert RecommendationResult.from_json(result.save(tmp_path / "r.json").read_text()) == result
+        saved = json.loads(result.save(tmp_path / "r.json").read_text())
+        assert saved == json.loads(result.to_json()) and saved["query"] == result.query
+        assert [r["id"] for r in saved["results"]] == result.ids
+        assert saved["results"][0]["explanation"]["basis"] == result.results[0].explanation.basis
         assert {"search_ms", "total_ms"} <= set(result.timings)
+
+
+def test_photo_query_is_one_forward_pass(recommender, catalog):
+    """Encoders with embed_and_predict answer a photo query with one network call, not two."""
+    _, images = catalog
+    calls = []
+
+    class OnePass(FakeEncoder):
+        def embed_and_predict(self, batch):
+            calls.append(len(batch))
+            return self.embed_images(batch), self.predict_attributes(batch)
+
+        def predict_attributes(self, batch):
+            calls.append("predict")
+            return super().predict_attributes(batch)
+
+    encoder = OnePass()
+    result = Recommender(recommender.index, encoder=encoder).by_images(images[5], k=3)
+    assert calls == [1, "predict"] and encoder.image_calls == 1
+    assert result.query["predicted"]["baseColour"]
+
+
+def test_photo_over_the_pixel_limit_is_refused(recommender, catalog, tmp_path, monkeypatch):
+    from fashion_lightning.retrieval.recommender import PhotoTooLargeError
+
+    _, images = catalog
+    path = _save(Image.fromarray(images[0]).resize((300, 400)), tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300 * 400 // 3)  # > 2x: PIL raises
+    with pytest.raises(PhotoTooLargeError, match="big.png"):
+        recommender.by_images(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300 * 400 * 2 // 3)  # 1x..2x: PIL only warns; refused too
+    with pytest.raises(PhotoTooLargeError):
+        recommender.by_images(path.read_bytes())
 
 
 @pytest.mark.parametrize("k, columns, expected_panels", [(5, 6, (6, 1)), (9, 4, (4, 3))])

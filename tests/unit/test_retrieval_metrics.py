@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from fashion_lightning.evaluation.retrieval import (
-    ItemRetrievalMetrics,
+    chunked_topk,
     metric_keys,
+    nearest_neighbours,
     retrieval_metrics,
     retrieval_metrics_by_relevance,
 )
@@ -40,7 +41,9 @@ def brute_force(embeddings: torch.Tensor, labels: torch.Tensor, ks, columns) -> 
             hits = sum(rel)
             sums[f"precision@{k}"] += hits / k
             sums[f"hit_rate@{k}"] += float(hits > 0)
-            sums[f"map@{k}"] += sum(sum(rel[: r + 1]) / (r + 1) * rel[r] for r in range(len(rel))) / min(k, len(relevant))
+            sums[f"map@{k}"] += sum(sum(rel[: r + 1]) / (r + 1) * rel[r] for r in range(len(rel))) / min(
+                k, len(relevant)
+            )
             dcg = sum(g / math.log2(r + 2) for r, g in enumerate(rel))
             ideal = sum(1 / math.log2(r + 2) for r in range(min(k, len(relevant))))
             sums[f"ndcg@{k}"] += dcg / ideal
@@ -160,18 +163,37 @@ def test_k_larger_than_the_split():
     assert float(got["ndcg@10"]) == pytest.approx(1.0)
 
 
-def test_metric_object_accumulates_batches_like_the_function():
-    generator = torch.Generator().manual_seed(3)
-    emb = F.normalize(torch.randn(90, 8, generator=generator), dim=1)
-    labels = torch.randint(0, 5, (90, 3), generator=generator)
-    metric = ItemRetrievalMetrics(ks=(1, 5), relevance_columns=(0, 2))
-    for rows in torch.arange(90).split(32):
-        metric.update(emb[rows], labels[rows])
-    got = metric.compute()
-    expected = retrieval_metrics(emb, labels, ks=(1, 5), relevance_columns=(0, 2))
-    assert got.keys() == expected.keys() == set(metric_keys((1, 5)))
-    for key in expected:
-        assert float(got[key]) == pytest.approx(float(expected[key])), key
+def test_precision_hit_rate_ndcg_equal_torchmetrics_per_query_functions():
+    """torchmetrics' retrieval functions are the reference; ours are the same numbers, vectorised."""
+    from torchmetrics.functional.retrieval import retrieval_hit_rate, retrieval_normalized_dcg, retrieval_precision
+
+    generator = torch.Generator().manual_seed(5)
+    emb = F.normalize(torch.randn(60, 8, generator=generator), dim=1)
+    labels = torch.randint(0, 4, (60,), generator=generator)
+    ks = (1, 3, 10)
+    got = retrieval_metrics(emb, labels, ks=ks)
+    sims = emb @ emb.T
+    for k in ks:
+        expected = {"precision": [], "hit_rate": [], "ndcg": []}
+        for q in range(60):
+            others = torch.arange(60) != q
+            preds, target = sims[q, others], labels[others] == labels[q]
+            expected["precision"].append(float(retrieval_precision(preds, target, top_k=k)))
+            expected["hit_rate"].append(float(retrieval_hit_rate(preds, target, top_k=k)))
+            expected["ndcg"].append(float(retrieval_normalized_dcg(preds, target, top_k=k)))
+        for name, values in expected.items():
+            assert float(got[f"{name}@{k}"]) == pytest.approx(sum(values) / len(values), abs=1e-6), f"{name}@{k}"
+
+
+def test_chunked_topk_is_chunk_size_independent_and_excludes():
+    generator = torch.Generator().manual_seed(1)
+    docs = torch.randn(50, 6, generator=generator)
+    queries = torch.randn(17, 6, generator=generator)
+    whole = chunked_topk(queries, docs, 5, chunk_size=1000)
+    assert torch.equal(whole, chunked_topk(queries, docs, 5, chunk_size=4))
+    assert torch.equal(whole, (queries @ docs.T).topk(5, dim=1).indices)
+    rows = torch.tensor([3, 7, 9])
+    assert not (nearest_neighbours(docs, rows, 4, chunk_size=2) == rows.unsqueeze(1)).any()
 
 
 def test_rejects_bad_arguments():

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from fashion_lightning.data import synthetic
+from fashion_lightning.data.schema import STYLES_HEADER
 from fashion_lightning.data.synthetic import (
     GENERATOR_VERSION,
-    STYLES_HEADER,
     SyntheticReport,
     ensure_synthetic_catalog,
     generate_synthetic_catalog,

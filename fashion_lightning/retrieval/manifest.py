@@ -1,0 +1,306 @@
+"""Index folder format: what ``manifest.json`` records and how a folder is checked against it.
+
+An index folder holds everything a recommender needs, and nothing it cannot check:
+
+``vectors.faiss``   the FAISS index (inner product; flat by default, IVF / HNSW / IVF-PQ by parameter);
+                    faiss label ``i`` is row ``i`` of the items file
+``vectors.f32``     optional raw float32 ``[count, dim]`` copy of the vectors (IVF types with
+                    ``rerank > 0``): memory-mapped at query time to re-rank a short list exactly
+``items.csv``       item metadata (catalog columns, ``id`` first); CSV so no parquet engine is needed
+``parts.npz``       optional extra per-item vectors (e.g. the image / text halves of a fused embedding)
+``manifest.json``   format version, counts, dimension, metric, index parameters, the model that made the
+                    vectors (checkpoint path, size and sha256), item column types, and size + sha256 of
+                    every file above
+
+The manifest is written last, so a build that died half-way leaves a folder that ``load_index`` refuses
+instead of a silently short index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+FORMAT = "fashion-lightning-index"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+VECTORS_FILE = "vectors.faiss"
+EXACT_FILE = "vectors.f32"
+ITEMS_FILE = "items.csv"
+PARTS_FILE = "parts.npz"
+INDEX_TYPES = ("flat", "ivf", "hnsw", "ivfpq")
+IVF_TYPES = ("ivf", "ivfpq")
+# Default ceiling of the IVF / PQ training sample: 256 per list is what faiss's k-means uses at most, and
+# 2^18 float32 vectors (512 MiB at d = 512) keeps a streaming build's memory independent of N.
+TRAIN_SIZE_CAP = 2**18
+
+
+class RetrievalError(Exception):
+    """Base of every error the retrieval layer raises on bad input or bad files (apps exit non-zero on it)."""
+
+
+class IndexIntegrityError(RetrievalError):
+    """The index folder is missing, corrupt, truncated or inconsistent (message names the file)."""
+
+
+class IndexMemoryError(RetrievalError, ValueError):
+    """An in-memory index type would not fit the configured memory budget."""
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    """FAISS index choice. ``0`` means "pick from the catalog size" (see :meth:`resolved`)."""
+
+    type: str = "flat"
+    nlist: int = 0  # IVF lists; 0 -> 4 * sqrt(N)
+    nprobe: int = 16  # IVF lists visited per query
+    hnsw_m: int = 32  # HNSW graph degree
+    ef_construction: int = 80
+    ef_search: int = 128
+    pq_m: int = 0  # IVF-PQ bytes per vector (sub-quantizers); 0 -> dim // 8
+    pq_nbits: int = 8
+    train_size: int = 0  # vectors reservoir-sampled to train IVF / PQ; 0 -> min(256 * nlist, 2^18)
+    seed: int = 0  # reservoir sample and k-means seed
+    rerank: int = 0  # IVF types: keep float32 vectors on disk and re-rank this many candidates exactly
+    max_memory_gb: float | None = 8.0  # flat / hnsw refuse catalogs whose float32 vectors exceed this
+    add_chunk: int = 65536  # IVF types: vectors per faiss.add while filling the lists
+
+    def resolved(self, n: int, dim: int) -> IndexParams:
+        """Fill the automatic values and validate against the catalog size and dimension."""
+        if self.type not in INDEX_TYPES:
+            raise ValueError(f"index type {self.type!r} is not one of {INDEX_TYPES}")
+        p = self
+        if p.type in IVF_TYPES:
+            nlist = p.nlist or round(4 * math.sqrt(n))
+            floor = 256 * 2**p.pq_nbits if p.type == "ivfpq" else 0  # k-means of each PQ codebook
+            train = min(n, p.train_size or min(max(256 * nlist, floor), TRAIN_SIZE_CAP))
+            nlist = max(1, min(nlist, train // 39 or 1))  # faiss wants >= 39 training points per list
+            p = replace(p, nlist=nlist, train_size=train)
+        if p.type == "ivfpq":
+            pq_m = p.pq_m or max(1, dim // 8)
+            if dim % pq_m:
+                raise ValueError(f"pq_m={pq_m} must divide the dimension {dim}")
+            if p.train_size < 2**p.pq_nbits:
+                raise ValueError(f"IVF-PQ with pq_nbits={p.pq_nbits} needs >= {2**p.pq_nbits} vectors, got {n}")
+            p = replace(p, pq_m=pq_m)
+        return p
+
+    @property
+    def reservoir_size(self) -> int:
+        """Training vectors a streaming build keeps (before N is known): at most this many, ever."""
+        return self.train_size or TRAIN_SIZE_CAP
+
+    def check_memory(self, n: int, dim: int) -> None:
+        """Flat and HNSW hold every float32 vector in RAM: refuse before building past the budget."""
+        if self.type in IVF_TYPES or self.max_memory_gb is None:
+            return
+        need = n * dim * 4 + (n * self.hnsw_m * 2 * 4 if self.type == "hnsw" else 0)
+        if need > self.max_memory_gb * 2**30:
+            raise IndexMemoryError(
+                f"index.type={self.type} needs ~{need / 2**30:.1f} GiB of RAM for {n:,} x {dim} float32 vectors, "
+                f"over index.max_memory_gb={self.max_memory_gb:g}; use index.type=ivfpq (bounded-memory build, "
+                "~pq_m bytes per item) or raise index.max_memory_gb"
+            )
+
+    def factory_string(self) -> str:
+        return {
+            "flat": "Flat",
+            "ivf": f"IVF{self.nlist},Flat",
+            "hnsw": f"HNSW{self.hnsw_m},Flat",
+            # "np": no polysemous training (only used by polysemous filtering, and minutes of annealing)
+            "ivfpq": f"IVF{self.nlist},PQ{self.pq_m}x{self.pq_nbits}np",
+        }[self.type]
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> IndexParams:
+        return cls(**{k: v for k, v in record.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class IndexManifest:
+    """What ``manifest.json`` says; ``load_index`` checks the folder against it."""
+
+    count: int
+    dim: int
+    index: dict[str, Any]
+    model: dict[str, Any]
+    items: dict[str, Any]  # {"file": ..., "columns": {name: "int" | "float" | "bool" | "str"}}
+    parts: dict[str, int]  # extra vector name -> its dimension
+    files: dict[str, dict[str, Any]]  # file name -> {"bytes": int, "sha256": str}
+    metric: str = "inner_product"
+    normalized: bool = True
+    created_at: str = ""
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def bytes_per_item(self) -> float:
+        return self.files[VECTORS_FILE]["bytes"] / max(1, self.count)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = MANIFEST_FILE) -> IndexManifest:
+        if not isinstance(data, Mapping):
+            raise IndexIntegrityError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        if data.get("format") != FORMAT:
+            raise IndexIntegrityError(f"{where}: format is {data.get('format')!r}, expected {FORMAT!r}")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise IndexIntegrityError(
+                f"{where}: format_version {data.get('format_version')!r} is not supported "
+                f"(this version reads {FORMAT_VERSION}); rebuild the index with fashion-index"
+            )
+        names = {f.name for f in cls.__dataclass_fields__.values()}
+        missing = sorted(n for n in ("count", "dim", "index", "model", "items", "parts", "files") if n not in data)
+        if missing:
+            raise IndexIntegrityError(f"{where}: missing keys {missing}")
+        try:
+            manifest = cls(**{k: v for k, v in data.items() if k in names})
+            manifest.count, manifest.dim = int(manifest.count), int(manifest.dim)
+        except (TypeError, ValueError) as err:
+            raise IndexIntegrityError(f"{where}: malformed ({err})") from err
+        for name in (VECTORS_FILE, manifest.items.get("file", ITEMS_FILE)):
+            if name not in manifest.files:
+                raise IndexIntegrityError(f"{where}: lists no checksum for {name}")
+        return manifest
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """Size + sha256 of one file, the unit every integrity check compares."""
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def verify_file(path: Path, expected: Mapping[str, Any], checksum: bool = True, listed_in: str = MANIFEST_FILE) -> None:
+    if not path.is_file():
+        raise IndexIntegrityError(f"{path}: listed in {listed_in} but missing")
+    size = path.stat().st_size
+    if size != expected.get("bytes"):
+        raise IndexIntegrityError(
+            f"{path}: {size} bytes, but {listed_in} recorded {expected.get('bytes')} (truncated or replaced)"
+        )
+    if checksum:
+        digest = sha256_file(path)
+        if digest != expected.get("sha256"):
+            raise IndexIntegrityError(
+                f"{path}: sha256 {digest[:16]}... does not match {listed_in} "
+                f"({str(expected.get('sha256'))[:16]}...): the file is corrupt or was modified"
+            )
+
+
+def checkpoint_record(checkpoint: str | Path, index_dir: str | Path) -> dict[str, Any]:
+    """The manifest's record of the model file: its path (relative when inside the index folder, so the
+    folder can be moved), size and sha256, checked by :func:`verified_checkpoint` before loading it."""
+    path, root = Path(checkpoint).resolve(), Path(index_dir).resolve()
+    shown = os.path.relpath(path, root) if path.is_relative_to(root) else str(path)
+    return {"checkpoint": shown, "checkpoint_file": file_record(path)}
+
+
+def checkpoint_path(model: Mapping[str, Any], root: Path) -> Path | None:
+    """The checkpoint the manifest names, resolved against the index folder."""
+    name = model.get("checkpoint")
+    return None if not name else (root / name if not Path(name).is_absolute() else Path(name))
+
+
+def verified_checkpoint(model: Mapping[str, Any], root: Path, checksum: bool = True) -> Path | None:
+    """The checkpoint's path after checking it is the file the index was built from (None if none named).
+
+    A missing file is not an error here (item queries never need the model); an edited manifest or a
+    swapped checkpoint is.
+    """
+    path = checkpoint_path(model, root)
+    record = model.get("checkpoint_file")
+    if path is None or not path.is_file():
+        return path
+    if not isinstance(record, Mapping):
+        raise IndexIntegrityError(
+            f"{root / MANIFEST_FILE}: names checkpoint {path} without its size and sha256; rebuild the index"
+        )
+    verify_file(path, record, checksum, listed_in=f"{root / MANIFEST_FILE}'s checkpoint record")
+    return path
+
+
+def read_manifest(root: Path, verify: bool = True) -> IndexManifest:
+    """Parse ``manifest.json`` and check every listed file's size (and sha256 when ``verify``)."""
+    if not root.is_dir():
+        raise IndexIntegrityError(f"{root}: index folder not found")
+    manifest_path = root / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise IndexIntegrityError(
+            f"{manifest_path}: missing, so {root} is not an index folder (or its build did not finish); "
+            "rebuild it with fashion-index"
+        )
+    try:
+        data = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise IndexIntegrityError(f"{manifest_path}: not valid JSON ({err})") from err
+    manifest = IndexManifest.from_dict(data, str(manifest_path))
+    for name, expected in manifest.files.items():
+        verify_file(root / name, expected, verify)
+    verified_checkpoint(manifest.model, root, verify)
+    return manifest
+
+
+def read_items(path: Path, manifest: IndexManifest, columns: list[str] | None = None) -> pd.DataFrame:
+    """The items file with the manifest's column types; ``columns`` reads only those (plus ``id``)."""
+    kinds: dict[str, str] = manifest.items.get("columns") or {}
+    wanted = None if columns is None else ["id", *[c for c in kinds if c in set(columns) - {"id"}]]
+    try:
+        header = pd.read_csv(path, dtype=str, nrows=0).columns.tolist()
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise IndexIntegrityError(f"{path}: unreadable CSV ({err})") from err
+    if header != list(kinds):
+        raise IndexIntegrityError(f"{path}: columns {header} != {MANIFEST_FILE}'s {list(kinds)}")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[], usecols=wanted)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as err:
+        raise IndexIntegrityError(f"{path}: unreadable CSV ({err})") from err
+    if wanted is not None:
+        frame = frame[wanted]
+    if len(frame) != manifest.count:
+        raise IndexIntegrityError(f"{path}: {len(frame)} item rows but the index holds {manifest.count} vectors")
+    try:
+        for name in frame.columns:
+            kind = kinds[name]
+            if kind in ("int", "float"):
+                frame[name] = pd.to_numeric(frame[name].replace("", np.nan))
+            elif kind == "bool":
+                frame[name] = frame[name] == "True"
+        frame["id"] = frame["id"].astype(np.int64)
+    except (ValueError, TypeError) as err:
+        raise IndexIntegrityError(f"{path}: bad values ({err})") from err
+    if frame["id"].duplicated().any():
+        duplicated = frame["id"][frame["id"].duplicated()].head(3).tolist()
+        raise IndexIntegrityError(f"{path}: duplicate ids, e.g. {duplicated}")
+    return frame
+
+
+def read_parts(path: Path, manifest: IndexManifest) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            parts = {name: np.asarray(npz[name], dtype=np.float32) for name in manifest.parts}
+    except (KeyError, ValueError, OSError) as err:
+        raise IndexIntegrityError(f"{path}: unreadable or missing arrays {list(manifest.parts)} ({err})") from err
+    for name, array in parts.items():
+        if array.shape != (manifest.count, manifest.parts[name]):
+            raise IndexIntegrityError(
+                f"{path}: {name} has shape {array.shape}, expected ({manifest.count}, {manifest.parts[name]})"
+            )
+    return parts
