@@ -1,6 +1,6 @@
 """One results table (Markdown + JSON) from a device check's stages, run folders and benchmark rows.
 
-    python scripts/device_results.py --stages OUT/stages.jsonl --bench OUT/bench.jsonl --out OUT
+python scripts/device_results.py --stages OUT/stages.jsonl --bench OUT/bench.jsonl --out OUT
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ def main() -> None:
         metrics_path = Path(stage.get("run_dir", "/nonexistent")) / "metrics.json"
         if metrics_path.exists():
             metrics = json.loads(metrics_path.read_text())
-            stage["metrics"] = {k: v for k, v in metrics.items() if k.startswith("test/") and isinstance(v, (int, float))}
+            stage["metrics"] = {
+                k: v for k, v in metrics.items() if k.startswith("test/") and isinstance(v, (int, float))
+            }
     bench = read_jsonl(Path(args.bench))
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": device_name(args.accelerator),
               "stages": stages, "bench": bench}  # fmt: skip
@@ -59,7 +61,8 @@ def main() -> None:
         if s["stage"].startswith("bench"):
             continue
         lines.append(f"| {s['stage']} | {s['status']} | " + " | ".join(cells) + f" | {mAP} | {s.get('wall_s', '–')} |")
-    lines += ["", "## CLIP (test split, Marqo KAGL protocol)", "", "| run | status | " + " | ".join(CLIP_KEYS) + " | wall s |",
+    lines += ["", "## CLIP (test split, Marqo KAGL protocol)", "",
+              "| run | status | " + " | ".join(CLIP_KEYS) + " | wall s |",
               "|---" * (len(CLIP_KEYS) + 3) + "|"]  # fmt: skip
     for s in stages:
         if not s["stage"].startswith("clip"):

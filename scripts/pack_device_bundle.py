@@ -47,7 +47,9 @@ def disk_bytes(paths: list[Path]) -> int:
 
 def tree_files() -> list[Path]:
     """The working tree the device copy gets: tracked files plus untracked files git does not ignore."""
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True)
+    out = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
+    )
     return [ROOT / p for p in out.stdout.decode().split("\0") if p and (ROOT / p).is_file()]
 
 
@@ -91,7 +93,10 @@ def main() -> None:
     if out.exists() and not args.smoke:
         parts |= {f"bundle/{p.name}": disk_bytes([p]) for p in sorted(out.iterdir())}
     total = tree + bundle
-    report = {k: round(v / 2**20, 2) for k, v in parts.items()} | {"total MiB": round(total / 2**20, 2), "limit MiB": 64}
+    report = {k: round(v / 2**20, 2) for k, v in parts.items()} | {
+        "total MiB": round(total / 2**20, 2),
+        "limit MiB": 64,
+    }
     print(json.dumps(report, indent=2))
     if total > LIMIT_BYTES:
         raise SystemExit(f"the carry is {total / 2**20:.1f} MiB on disk, over the 64 MiB limit")

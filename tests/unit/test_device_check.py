@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_device_check_smoke_writes_one_results_table(tmp_path: Path, cache_dir: Path) -> None:
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "FASHION_LIGHTNING_CACHE": str(cache_dir)}
-    proc = subprocess.run(["bash", "scripts/device_check.sh", "--smoke"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        ["bash", "scripts/device_check.sh", "--smoke"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "results.json").read_text())
     stages = {s["stage"]: s for s in result["stages"]}
