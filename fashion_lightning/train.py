@@ -24,7 +24,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         resume_vocabs = read_checkpoint(cfg.ckpt_path)["hyper_parameters"]["vocabs"]
         origin = run_dir_of(cfg.ckpt_path)
         if cfg.get("resume_in_place", True) and origin is not None:
-            log.info("resuming in the checkpoint's run dir %s (this launch's own folder: %s)", origin, cfg.paths.output_dir)
+            log.info("resuming in the checkpoint's run dir %s (this launch's own folder: %s)",
+                     origin, cfg.paths.output_dir)
             with open_dict(cfg):
                 cfg.paths.output_dir = str(origin)
     claim_run_dir(cfg.paths.output_dir, cfg.get("ckpt_path"))

@@ -141,3 +141,13 @@ def real_image_cache(real_catalog, real_cache_dir: Path):
     from fashion_lightning.data.image_cache import build_image_cache
 
     return build_image_cache(real_catalog.source, real_cache_dir)
+
+
+@pytest.fixture(autouse=True)
+def _no_hydra_state_between_tests():
+    """Hydra keeps the last app's HydraConfig in a process-wide singleton: a test that ran a multirun
+    would otherwise make later tests' task_wrapper believe they are multirun jobs too."""
+    yield
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().cfg = None

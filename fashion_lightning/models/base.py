@@ -176,9 +176,13 @@ def module_class(checkpoint: Mapping[str, Any], ckpt_path: str | Path = "checkpo
     try:
         cls = getattr(importlib.import_module(module_path), name)
     except (ImportError, AttributeError) as err:
-        raise CheckpointError(f"{ckpt_path} names module class {checkpoint[CLASS_KEY]!r}, which does not exist") from err
+        raise CheckpointError(
+            f"{ckpt_path} names module class {checkpoint[CLASS_KEY]!r}, which does not exist"
+        ) from err
     if not (isinstance(cls, type) and issubclass(cls, FashionModule)):
-        raise UnsafeCheckpointError(f"refusing to load checkpoint {ckpt_path}: {checkpoint[CLASS_KEY]!r} is not a FashionModule")
+        raise UnsafeCheckpointError(
+            f"refusing to load checkpoint {ckpt_path}: {checkpoint[CLASS_KEY]!r} is not a FashionModule"
+        )
     return cls
 
 

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra_helpers import make_cfg
 
 from fashion_lightning.utils.config_check import ConfigError, check_config
-from hydra_helpers import make_cfg
 
 APPS = {"train": [], "eval": ["ckpt_path=x.ckpt"], "index": ["ckpt_path=x.ckpt"], "eda": []}
 
