@@ -70,10 +70,15 @@ def main() -> None:
             train = [a for a in train if not a.startswith("experiment=")] + ["experiment=demo"]
         rows.append({"app": "fashion-train", "malloc": setting, **timed(train, env)})
         ckpt = next(run.glob("checkpoints/*.ckpt"))
-        index = [str(bin_dir / "fashion-index"), f"ckpt_path={ckpt}", *data, f"hydra.run.dir={work / f'index_{setting}'}"]
+        index = [
+            str(bin_dir / "fashion-index"),
+            f"ckpt_path={ckpt}",
+            *data,
+            f"hydra.run.dir={work / f'index_{setting}'}",
+        ]
         rows.append({"app": "fashion-index", "malloc": setting, **timed(index, env)})
 
-    print(f"| app | malloc | user s | sys s | sys/user | minor faults | peak RSS MB | wall s |\n|---|---|---|---|---|---|---|---|")
+    print("| app | malloc | user s | sys s | sys/user | minor faults | peak RSS MB | wall s |\n" + "|---" * 8 + "|")
     for r in rows:
         print(f"| {r['app']} | {r['malloc']} | {r['user_s']:.1f} | {r['sys_s']:.1f} | {r['sys_per_user']:.2f} | "
               f"{int(r['minor_faults']):,} | {r['max_rss_mb']:.0f} | {r['wall']:.1f} |")  # fmt: skip

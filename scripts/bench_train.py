@@ -170,7 +170,8 @@ def main() -> None:
         row = {"accelerator": args.accelerator, "device": torch.cuda.get_device_name() if args.gpu else "cpu",
                "backbone": args.backbone, "input_size": args.input_size, "batch_size": args.batch_size,
                "workers": args.workers, "steps": args.steps, "compile": args.compile, "loader_img_s": loader,
-               "bare_img_s": base, "fashion_train_img_s": best["fashion-train loop"], "overhead_pct": overhead}  # fmt: skip
+               "bare_img_s": base, "fashion_train_img_s": best["fashion-train loop"],
+               "overhead_pct": overhead}  # fmt: skip
         with open(args.json, "a") as f:
             f.write(json.dumps(row) + "\n")
 

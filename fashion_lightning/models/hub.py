@@ -30,9 +30,14 @@ def is_network_error(err: BaseException) -> bool:
         seen.add(id(err))
         module = type(err).__module__.split(".")[0].rstrip("0123456789")  # httpx2 -> httpx
         name = type(err).__name__
-        if isinstance(err, (ConnectionError, TimeoutError)) or name in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
+        if isinstance(err, (ConnectionError, TimeoutError)) or name in (
+            "LocalEntryNotFoundError",
+            "OfflineModeIsEnabled",
+        ):
             return True
-        if module in _NETWORK_MODULES and ("Connect" in name or "Timeout" in name or "Network" in name or "gaierror" in name):
+        if module in _NETWORK_MODULES and (
+            "Connect" in name or "Timeout" in name or "Network" in name or "gaierror" in name
+        ):
             return True
         err = err.__cause__ or err.__context__
     return False
@@ -49,4 +54,6 @@ def hub_download(what: str) -> Iterator[None]:
         if not is_network_error(err):
             raise
         reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
-        raise HubUnavailable(f"cannot download {what}: no network or hub unreachable ({reason}); {OFFLINE_ALTERNATIVES}") from None
+        raise HubUnavailable(
+            f"cannot download {what}: no network or hub unreachable ({reason}); {OFFLINE_ALTERNATIVES}"
+        ) from None

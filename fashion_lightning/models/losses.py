@@ -65,7 +65,12 @@ class MultiTaskLoss(nn.Module):
         logits = logits.float()
         weight = self.class_weight(task)
         per_item = F.cross_entropy(
-            logits, target, weight=weight, ignore_index=IGNORE_INDEX, label_smoothing=self.label_smoothing, reduction="none"
+            logits,
+            target,
+            weight=weight,
+            ignore_index=IGNORE_INDEX,
+            label_smoothing=self.label_smoothing,
+            reduction="none",
         )
         known = (target != IGNORE_INDEX).to(logits.dtype)
         denom = known if weight is None else weight[target.clamp(min=0)] * known

@@ -63,7 +63,9 @@ class MultiTaskModule(FashionModule):
         # what a checkpoint needs to rebuild the net without the training config
         self.hparams["net"] = None if isinstance(net, nn.Module) else net_cfg
         self.hparams["vocabs"] = self.vocabs.to_dict()
-        self.net: MultiTaskNet = net if isinstance(net, nn.Module) else instantiate(net_cfg, num_classes=self.vocabs.num_classes)
+        self.net: MultiTaskNet = (
+            net if isinstance(net, nn.Module) else instantiate(net_cfg, num_classes=self.vocabs.num_classes)
+        )
         weights = fill_class_weights(self.vocabs.num_classes, class_weights)
         self.loss = MultiTaskLoss(self.vocabs.tasks, self.hparams.task_weights, weights, label_smoothing)
         self.optimizer_cfg, self.group_rules, legacy = split_optimizer_config(self.hparams.optimizer, DEFAULT_OPTIMIZER)

@@ -104,7 +104,9 @@ def split_optimizer_config(cfg: Mapping[str, Any] | None, defaults: Mapping[str,
     return merged, rules, legacy
 
 
-def build_optimizer(cfg: Mapping[str, Any], groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(
+    cfg: Mapping[str, Any], groups: list[dict[str, Any]], device: torch.device
+) -> torch.optim.Optimizer:
     """Instantiate the partial optimiser over ``groups``; fused kernels on CUDA when the class has them."""
     from hydra.utils import get_class, instantiate
 
@@ -117,7 +119,9 @@ def build_optimizer(cfg: Mapping[str, Any], groups: list[dict[str, Any]], device
     return instantiate(cfg)(groups)
 
 
-def build_scheduler(cfg: Mapping[str, Any] | None, optimizer: torch.optim.Optimizer, total_steps: int, legacy: Mapping) -> dict:
+def build_scheduler(
+    cfg: Mapping[str, Any] | None, optimizer: torch.optim.Optimizer, total_steps: int, legacy: Mapping
+) -> dict:
     """The Lightning ``lr_scheduler`` entry: a partial taking ``(optimizer, total_steps=...)``, stepped per batch."""
     from hydra.utils import instantiate
 
@@ -139,6 +143,11 @@ def configure(
     trainable_only: bool = True,
 ) -> dict:
     """A Lightning ``configure_optimizers`` dict from the two Hydra configs and an LR-scale rule."""
-    groups = param_groups(named_parameters, optimizer_cfg["lr"], optimizer_cfg.get("weight_decay", 0.0), lr_scale, trainable_only)
+    groups = param_groups(
+        named_parameters, optimizer_cfg["lr"], optimizer_cfg.get("weight_decay", 0.0), lr_scale, trainable_only
+    )
     optimizer = build_optimizer(optimizer_cfg, groups, device)
-    return {"optimizer": optimizer, "lr_scheduler": build_scheduler(scheduler_cfg, optimizer, total_steps, legacy_scheduler)}
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": build_scheduler(scheduler_cfg, optimizer, total_steps, legacy_scheduler),
+    }

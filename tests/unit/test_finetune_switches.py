@@ -1,4 +1,4 @@
-"""Fine-tuning switches (EMA, mixup/cutmix, layer decay, flip TTA, optimiser objects, compile) on the synthetic catalog."""
+"""Fine-tuning switches (EMA, mixup/cutmix, layer decay, flip TTA, optimiser objects, compile), synthetic catalog."""
 
 from __future__ import annotations
 
@@ -33,7 +33,9 @@ LEARNS = ("articleType", "baseColour", "masterCategory")
 # --- fast unit checks -------------------------------------------------------------------------
 def test_param_groups_never_decay_1d_parameters() -> None:
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 2))
-    groups = param_groups(net.named_parameters(), lr=0.1, weight_decay=0.05, lr_scale=lambda n: 0.5 if n.startswith("0.") else 1.0)
+    groups = param_groups(
+        net.named_parameters(), lr=0.1, weight_decay=0.05, lr_scale=lambda n: 0.5 if n.startswith("0.") else 1.0
+    )
     for group in groups:
         dims = {p.ndim for p in group["params"]}
         assert group["weight_decay"] == (0.0 if dims == {1} else 0.05), (dims, group["weight_decay"])
@@ -42,7 +44,9 @@ def test_param_groups_never_decay_1d_parameters() -> None:
 
 
 def test_optimizer_config_split_and_legacy_form() -> None:
-    opt, rules, legacy = split_optimizer_config({"lr": 0.1, "backbone_lr_ratio": 0.5, "warmup_ratio": 0.2}, {"weight_decay": 0.01})
+    opt, rules, legacy = split_optimizer_config(
+        {"lr": 0.1, "backbone_lr_ratio": 0.5, "warmup_ratio": 0.2}, {"weight_decay": 0.01}
+    )
     assert opt == {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 0.1, "weight_decay": 0.01}
     assert rules == {"backbone_lr_ratio": 0.5} and legacy == {"warmup_ratio": 0.2}
 
@@ -135,14 +139,19 @@ def test_compile_happens_in_configure_model_and_checkpoints_stay_plain(tmp_path:
     from fashion_lightning.models.base import load_module
     from fashion_lightning.models.multitask_module import MultiTaskModule
 
-    module = MultiTaskModule({"_target_": "fashion_lightning.models.multitask.MultiTaskNet", "backbone": "test_resnet",
-                              "input_size": [40, 32]}, {"gender": ["Men", "Women"]}, compile={"backend": "eager"})  # fmt: skip
+    net = {
+        "_target_": "fashion_lightning.models.multitask.MultiTaskNet",
+        "backbone": "test_resnet",
+        "input_size": [40, 32],
+    }
+    module = MultiTaskModule(net, {"gender": ["Men", "Women"]}, compile={"backend": "eager"})
     assert module.net.backbone._compiled_call_impl is None  # building (eval, index) never compiles
     module.configure_model()
     assert module.net.backbone._compiled_call_impl is not None
     # a real fit (the eager backend keeps CI fast: inductor codegen takes minutes on 2 shared cores)
-    overrides = TINY + ["model.compile={backend:eager}", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
-                        "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1", "callbacks.model_checkpoint.save_last=true"]  # fmt: skip
+    limits = ["+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1"]
+    overrides = TINY + ["model.compile={backend:eager}", "trainer.max_epochs=1", *limits]
+    overrides += ["callbacks.model_checkpoint.save_last=true"]
     cfg = make_cfg("train", tmp_path / "run", cache_dir, overrides)
     train(cfg)
     ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
