@@ -27,16 +27,28 @@ def evaluate(cfg: DictConfig) -> dict:
     datamodule.setup("test")
     unseen = datamodule.unseen_labels()
     for task, labels in unseen.items():
-        log.warning("%s: %d item(s) carry labels the checkpoint never saw (%s); scored as %s",
-                    task, sum(labels.values()), ", ".join(list(labels)[:5]),
-                    "'Other'" if module.vocabs[task].other_index >= 0 else "unknown (ignored)")
+        log.warning(
+            "%s: %d item(s) carry labels the checkpoint never saw (%s); scored as %s",
+            task,
+            sum(labels.values()),
+            ", ".join(list(labels)[:5]),
+            "'Other'" if module.vocabs[task].other_index >= 0 else "unknown (ignored)",
+        )
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=instantiate_callbacks(cfg.get("callbacks")), logger=instantiate_loggers(cfg.get("logger"))
+        cfg.trainer,
+        callbacks=instantiate_callbacks(cfg.get("callbacks")),
+        logger=instantiate_loggers(cfg.get("logger")),
     )
     trainer.test(module, datamodule=datamodule)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    metrics.update({"checkpoint": str(cfg.ckpt_path), "eval_split": cfg.data.split,
-                    "eval_items": len(datamodule.predict_frame), "unseen_labels": unseen})
+    metrics.update(
+        {
+            "checkpoint": str(cfg.ckpt_path),
+            "eval_split": cfg.data.split,
+            "eval_items": len(datamodule.predict_frame),
+            "unseen_labels": unseen,
+        }
+    )
     if trainer.is_global_zero:
         metrics = update_json(f"{cfg.paths.output_dir}/metrics.json", metrics)
         print_summary(metrics, "test", module.vocabs.tasks)

@@ -24,8 +24,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         resume_vocabs = read_checkpoint(cfg.ckpt_path)["hyper_parameters"]["vocabs"]
         origin = run_dir_of(cfg.ckpt_path)
         if cfg.get("resume_in_place", True) and origin is not None:
-            log.info("resuming in the checkpoint's run dir %s (this launch's own folder: %s)",
-                     origin, cfg.paths.output_dir)
+            log.info(
+                "resuming in the checkpoint's run dir %s (this launch's own folder: %s)", origin, cfg.paths.output_dir
+            )
             with open_dict(cfg):
                 cfg.paths.output_dir = str(origin)
     claim_run_dir(cfg.paths.output_dir, cfg.get("ckpt_path"))
@@ -35,7 +36,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.setup("fit")
     model = instantiate(cfg.model, vocabs=datamodule.vocabs, class_weights=datamodule.class_weights)
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=instantiate_callbacks(cfg.get("callbacks")), logger=instantiate_loggers(cfg.get("logger"))
+        cfg.trainer,
+        callbacks=instantiate_callbacks(cfg.get("callbacks")),
+        logger=instantiate_loggers(cfg.get("logger")),
     )
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -70,7 +73,9 @@ def main(cfg: DictConfig) -> float | None:
         metrics = train(cfg)
     metric = cfg.get("optimized_metric")
     if metric and metric not in metrics:
-        raise KeyError(f"optimized_metric {metric!r} was not logged; available: {sorted(k for k in metrics if '/' in k)[:20]}")
+        raise KeyError(
+            f"optimized_metric {metric!r} was not logged; available: {sorted(k for k in metrics if '/' in k)[:20]}"
+        )
     return metrics.get(metric) if metric else None
 
 

@@ -24,8 +24,8 @@ from fashion_lightning.data.class_weights import balanced_class_weights
 from fashion_lightning.data.dataset import FashionDataset, seed_worker_transform
 from fashion_lightning.data.image_cache import ImageCache, attach_images, build_image_cache
 from fashion_lightning.data.images import NATIVE_HW
-from fashion_lightning.data.schema import ALL_TASKS, TASKS
 from fashion_lightning.data.sampling import EpochShuffleSampler
+from fashion_lightning.data.schema import ALL_TASKS, TASKS
 from fashion_lightning.data.splits import SPLITS, load_splits, save_splits, stratified_split
 from fashion_lightning.data.vocab import LabelVocabs
 
@@ -117,7 +117,9 @@ class FashionDataModule(L.LightningDataModule):
         split = (
             load_splits(frame, self.hparams.splits_path)
             if self.hparams.splits_path
-            else stratified_split(frame, "articleType", self.hparams.test_size, self.hparams.val_size, self.hparams.split_seed)
+            else stratified_split(
+                frame, "articleType", self.hparams.test_size, self.hparams.val_size, self.hparams.split_seed
+            )
         )
         self.frames = {name: frame[split == name].reset_index(drop=True) for name in SPLITS}
         self.frames["all"] = frame[split != "unlisted"].reset_index(drop=True)
@@ -145,7 +147,10 @@ class FashionDataModule(L.LightningDataModule):
         labels = self.vocabs.encode(train)
         return {
             task: balanced_class_weights(
-                labels[:, col], len(self.vocabs[task]), self.hparams.class_weight_power, tuple(self.hparams.class_weight_clip)
+                labels[:, col],
+                len(self.vocabs[task]),
+                self.hparams.class_weight_power,
+                tuple(self.hparams.class_weight_clip),
             )
             for col, task in enumerate(self.vocabs.tasks)
         }

@@ -68,8 +68,9 @@ def move_aside(target: Path) -> Path:
         aside = target.with_name(f"{target.name}.old-{stamp}-{n}")
         n += 1
     os.rename(target, aside)
-    log.warning("moved the existing %s aside to %s (force=true); delete it yourself when no longer needed",
-                target, aside)
+    log.warning(
+        "moved the existing %s aside to %s (force=true); delete it yourself when no longer needed", target, aside
+    )
     return aside
 
 

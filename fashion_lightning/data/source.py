@@ -64,7 +64,7 @@ class CatalogSource:
         prefix = "images/" if base == "." else f"{base}/images/"
         images: dict[int, str] = {}
         for n in names:  # plain string tests: PurePosixPath per name cost ~1 s on the 44k-file zip
-            if n.startswith(prefix) and "/" not in (name := n[len(prefix):]) and (m := _IMAGE_RE.match(name)):
+            if n.startswith(prefix) and "/" not in (name := n[len(prefix) :]) and (m := _IMAGE_RE.match(name)):
                 images[int(m.group(1))] = n
         return styles_path, images
 

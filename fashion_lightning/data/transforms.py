@@ -62,7 +62,16 @@ class FusedNativeAugment(A.ImageOnlyTransform):
         return cv2.LUT(img, lut) if lut is not None else img
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("hflip", "rotate", "scale", "translate", "affine_p", "brightness_contrast", "brightness_contrast_p", "fill")
+        return (
+            "hflip",
+            "rotate",
+            "scale",
+            "translate",
+            "affine_p",
+            "brightness_contrast",
+            "brightness_contrast_p",
+            "fill",
+        )
 
 
 def default_train_transform() -> A.Compose:

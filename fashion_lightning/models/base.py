@@ -67,8 +67,7 @@ class FashionModule(L.LightningModule):
 
     def _decode_logits(self, logits: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
         return {
-            task: [self.vocabs.decode(task, int(i)) for i in out.argmax(dim=1).tolist()]
-            for task, out in logits.items()
+            task: [self.vocabs.decode(task, int(i)) for i in out.argmax(dim=1).tolist()] for task, out in logits.items()
         }
 
     def embed_items(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:

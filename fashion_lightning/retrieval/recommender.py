@@ -80,8 +80,10 @@ class Recommendation:
     explanation: explain.Explanation
 
     def to_dict(self) -> dict[str, Any]:
-        return {**{k: getattr(self, k) for k in ("rank", "id", "score", "metadata")},
-                "explanation": self.explanation.to_dict()}
+        return {
+            **{k: getattr(self, k) for k in ("rank", "id", "score", "metadata")},
+            "explanation": self.explanation.to_dict(),
+        }
 
 
 @dataclass
@@ -151,8 +153,7 @@ class Recommender:
         """JSON-ready metadata of index rows (built once: pandas row access costs ~1 ms a query)."""
         if self._records is None:
             self._records = [
-                {key: _plain(value) for key, value in row.items()}
-                for row in self.index.items.to_dict(orient="records")
+                {key: _plain(value) for key, value in row.items()} for row in self.index.items.to_dict(orient="records")
             ]
         return [self._records[int(r)] for r in rows]
 
@@ -207,10 +208,14 @@ class Recommender:
             exclude = np.flatnonzero(self.index.items["image_sha1"].isin(sha1s).to_numpy())
         encode_ms = _ms(start)
         return self._run(
-            query, k, filters, exclude,
+            query,
+            k,
+            filters,
+            exclude,
             {"kind": "image", "images": list(labels), "predicted": {t: list(v) for t, v in predictions.items()}},
             lambda item: explain.explain_attributes(attributes, item, "predicted"),
-            {"encode_ms": encode_ms}, start,
+            {"encode_ms": encode_ms},
+            start,
         )
 
     def by_text(self, text: str, k: int = 10, filters: Mapping[str, Any] | None = None) -> RecommendationResult:
@@ -227,8 +232,14 @@ class Recommender:
             ) from err
         query = _unit(self._checked(embedded, "text")[0], "the text embedding is zero")
         return self._run(
-            query, k, filters, [], {"kind": "text", "text": text},
-            lambda item: explain.explain_text(text, item), {"encode_ms": _ms(start)}, start,
+            query,
+            k,
+            filters,
+            [],
+            {"kind": "text", "text": text},
+            lambda item: explain.explain_text(text, item),
+            {"encode_ms": _ms(start)},
+            start,
         )
 
     def by_item(self, item_id: int, k: int = 10, filters: Mapping[str, Any] | None = None) -> RecommendationResult:
@@ -238,8 +249,14 @@ class Recommender:
         attributes = explain.attributes_of_rows(self.records(rows))
         query = _unit(self.index.vectors(rows)[0], f"item {item_id} has a zero vector")
         return self._run(
-            query, k, filters, rows, {"kind": "item", "item_id": int(item_id)},
-            lambda item: explain.explain_attributes(attributes, item, "metadata"), {}, start,
+            query,
+            k,
+            filters,
+            rows,
+            {"kind": "item", "item_id": int(item_id)},
+            lambda item: explain.explain_attributes(attributes, item, "metadata"),
+            {},
+            start,
         )
 
     def by_history(
@@ -274,11 +291,22 @@ class Recommender:
             profile = profile - beta * self.index.vectors(disliked_rows).mean(axis=0)
         query = _unit(profile, "the liked and disliked items cancel out; like more items or lower beta")
         attributes = explain.attributes_of_rows(self.records(liked_rows), w)
-        description = {"kind": "history", "liked": liked, "disliked": disliked,
-                       "weights": [round(float(x), 6) for x in w / w.sum()], "beta": beta}
+        description = {
+            "kind": "history",
+            "liked": liked,
+            "disliked": disliked,
+            "weights": [round(float(x), 6) for x in w / w.sum()],
+            "beta": beta,
+        }
         return self._run(
-            query, k, filters, np.concatenate([liked_rows, disliked_rows]), description,
-            lambda item: explain.explain_attributes(attributes, item, "history"), {}, start,
+            query,
+            k,
+            filters,
+            np.concatenate([liked_rows, disliked_rows]),
+            description,
+            lambda item: explain.explain_attributes(attributes, item, "history"),
+            {},
+            start,
         )
 
     # -- shared machinery ------------------------------------------------------------------------
@@ -398,8 +426,9 @@ class Recommender:
         return rows
 
     def _checked(self, embedded: Any, what: str) -> np.ndarray:
-        vectors = np.asarray(embedded.detach().float().cpu().numpy() if hasattr(embedded, "detach") else embedded,
-                             dtype=np.float32)
+        vectors = np.asarray(
+            embedded.detach().float().cpu().numpy() if hasattr(embedded, "detach") else embedded, dtype=np.float32
+        )
         if vectors.ndim != 2 or vectors.shape[1] != self.index.dim:
             raise QueryError(
                 f"the encoder's {what} embeddings have shape {vectors.shape[1:]} but the index holds "

@@ -102,9 +102,7 @@ def check_config(cfg: DictConfig, nodes: Iterable[str] = ("data", "model", "trai
     """Fail fast, before any data is loaded, on missing values and wrongly typed target arguments."""
     missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
     if missing:
-        raise ConfigError(
-            f"missing value for {', '.join(missing)}: set it on the command line, e.g. {missing[0]}=..."
-        )
+        raise ConfigError(f"missing value for {', '.join(missing)}: set it on the command line, e.g. {missing[0]}=...")
     for name in nodes:
         node = cfg.get(name)
         if not isinstance(node, DictConfig) or "_target_" not in node:

@@ -13,9 +13,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from fashion_lightning.data.schema import TASKS
 from fashion_lightning.data.datamodule import FashionDataModule
 from fashion_lightning.data.images import NATIVE_HW, PAD_VALUE
+from fashion_lightning.data.schema import TASKS
 from fashion_lightning.data.transforms import default_train_transform
 from fashion_lightning.data.vocab import OTHER, UNKNOWN_INDEX, LabelVocabs
 
@@ -74,7 +74,9 @@ def test_train_loader_yields_the_batch_contract(dm: FashionDataModule):
     assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (b, 3, *NATIVE_HW)
     assert batch["labels"].dtype == torch.int64 and batch["labels"].shape == (b, len(dm.vocabs.tasks))
     assert batch["id"].dtype == torch.int64 and batch["id"].shape == (b,)
-    assert isinstance(batch["text"], list) and len(batch["text"]) == b and all(isinstance(t, str) for t in batch["text"])
+    assert (
+        isinstance(batch["text"], list) and len(batch["text"]) == b and all(isinstance(t, str) for t in batch["text"])
+    )
     for col, task in enumerate(dm.vocabs.tasks):
         assert ((batch["labels"][:, col] >= UNKNOWN_INDEX) & (batch["labels"][:, col] < len(dm.vocabs[task]))).all()
     # labels and text belong to the ids they come with
