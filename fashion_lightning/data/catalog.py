@@ -104,7 +104,9 @@ def parse_styles(raw: bytes, report: DataReport) -> pd.DataFrame:
         raise ValueError(f"styles.csv lacks column(s) {missing}; header is {header}")
     width = len(header)
     name_col = header.index("productDisplayName")
-    rows, short, repaired = [], [], Counter()
+    rows: list[list[str]] = []
+    short: list[int | str] = []
+    repaired: Counter[str] = Counter()
     for fields in reader:
         if not fields or all(not f.strip() for f in fields):
             continue

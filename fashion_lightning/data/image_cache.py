@@ -94,6 +94,7 @@ def _decode_chunk(args: tuple[CatalogSource, list[int], tuple[int, int]]):
             failures[item_id] = (UNREADABLE, f"cannot read the image file ({type(err).__name__}: {err})")
             continue
         digests.append(hashlib.sha1(data).hexdigest() if data else "")
+        assert data is not None, item_id  # ids come from source.image_ids: every id has a file
         try:
             out[k] = to_native(data, size_hw)
         except ImageDecodeError as err:

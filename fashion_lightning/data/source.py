@@ -40,7 +40,7 @@ class CatalogSource:
     def _names(self) -> list[str]:
         if self.is_zip:
             return [n for n in self._zipfile().namelist() if not n.endswith("/")]
-        names = []
+        names: list[str] = []
         for dirpath, dirnames, filenames in os.walk(self.root):
             depth = len(Path(dirpath).relative_to(self.root).parts)
             if depth >= _MAX_DEPTH:

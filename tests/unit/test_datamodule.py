@@ -153,6 +153,13 @@ def test_a_given_vocab_with_extra_and_unseen_labels_never_crashes(synthetic_dm_k
     assert LabelVocabs.load(tmp_path / "vocab.json").to_dict() == vocabs  # the given vocab is what the run saves
 
 
+def test_a_given_label_vocabs_object_is_kept_as_is():
+    # LabelVocabs is itself a Mapping: it used to go through from_dict and fail on TaskVocab
+    vocabs = LabelVocabs.from_dict({"articleType": ["Tshirts", OTHER], "gender": ["Men", "Women"]})
+    assert FashionDataModule(vocabs=vocabs).vocabs is vocabs
+    assert FashionDataModule(vocabs=vocabs.to_dict()).vocabs == vocabs
+
+
 def test_class_weights_cover_each_vocab(dm: FashionDataModule):
     for task, weights in dm.class_weights.items():
         assert weights.shape == (len(dm.vocabs[task]),) and weights.dtype == torch.float32
