@@ -6,6 +6,8 @@ and written to ``metrics.json`` (``unseen_labels``) instead of crashing the run.
 
 from __future__ import annotations
 
+from typing import Any
+
 import hydra
 import lightning as L
 from hydra.utils import instantiate
@@ -20,7 +22,7 @@ from fashion_lightning.utils.task_wrapper import task_wrapper
 
 
 @task_wrapper
-def evaluate(cfg: DictConfig) -> dict:
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     module = load_module(cfg.ckpt_path)
     datamodule = instantiate(cfg.data, vocabs=module.vocabs.to_dict(), tasks=module.vocabs.tasks)
@@ -40,7 +42,7 @@ def evaluate(cfg: DictConfig) -> dict:
         logger=instantiate_loggers(cfg.get("logger")),
     )
     trainer.test(module, datamodule=datamodule)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics.update(
         {
             "checkpoint": str(cfg.ckpt_path),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import hydra
 import lightning as L
 from hydra.utils import instantiate
@@ -17,8 +19,8 @@ from fashion_lightning.utils.task_wrapper import task_wrapper
 
 
 @task_wrapper
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Returns the final metrics (also in ``<run dir>/metrics.json``)."""
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Returns the final metrics (also in ``<run dir>/metrics.json``): floats, and ``best_checkpoint``."""
     resume_vocabs = None
     if cfg.get("ckpt_path"):  # resuming: keep the checkpoint's label space, continue in its run dir
         resume_vocabs = read_checkpoint(cfg.ckpt_path)["hyper_parameters"]["vocabs"]
@@ -41,14 +43,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger=instantiate_loggers(cfg.get("logger")),
     )
     for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True)))
 
     trains = cfg.train and getattr(model, "requires_training", True)
     if trains:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.test:
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        best = _best_checkpoint(trainer)
         if not best:
             log.info("no best checkpoint (not trained, or no checkpoint callback): testing the current weights")
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
@@ -58,12 +60,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
             trainer.save_checkpoint(frozen)
             metrics["best_checkpoint"] = frozen
     if trainer.is_global_zero:
-        if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path:
-            metrics["best_checkpoint"] = trainer.checkpoint_callback.best_model_path
+        if best_checkpoint := _best_checkpoint(trainer):
+            metrics["best_checkpoint"] = best_checkpoint
         metrics = update_json(f"{cfg.paths.output_dir}/metrics.json", metrics)
         print_summary(metrics, "test" if cfg.test else "val", datamodule.vocabs.tasks)
         log.info("run dir: %s", cfg.paths.output_dir)
     return metrics
+
+
+def _best_checkpoint(trainer: L.Trainer) -> str:
+    """The checkpoint callback's best path ("" without one); Trainer types it as the Checkpoint base class."""
+    return getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
 
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="train")

@@ -179,12 +179,14 @@ class Recommender:
             raise QueryError(f"give exactly one of image, text, item_id, history (got {given or 'none'})")
         if disliked and given[0] != "history":
             raise QueryError("disliked ids only go with a history query")
-        if given[0] == "image":
+        kind = given[0]  # the "is not None" below are implied by _is_given; they narrow the types
+        if kind == "image" and image is not None:
             return self.by_images(image, k, filters)
-        if given[0] == "text":
+        if kind == "text" and text is not None:
             return self.by_text(text, k, filters)
-        if given[0] == "item_id":
+        if kind == "item_id" and item_id is not None:
             return self.by_item(item_id, k, filters)
+        assert history is not None
         return self.by_history(history, k, filters, disliked=disliked or (), weights=weights, half_life=half_life)
 
     def by_images(
@@ -203,7 +205,7 @@ class Recommender:
         query = _unit(vectors.mean(axis=0), "the query photos' embeddings cancel out")
         attributes = explain.attributes_of_predictions(predictions)
         sha1s = {d for d in digests if d}
-        exclude = []
+        exclude: Sequence[int] | np.ndarray = []
         if sha1s and "image_sha1" in self.index.items.columns:
             exclude = np.flatnonzero(self.index.items["image_sha1"].isin(sha1s).to_numpy())
         encode_ms = _ms(start)
@@ -312,7 +314,7 @@ class Recommender:
     # -- shared machinery ------------------------------------------------------------------------
 
     def allowed_rows(
-        self, filters: Mapping[str, Any] | None, exclude_rows: Sequence[int] = ()
+        self, filters: Mapping[str, Any] | None, exclude_rows: Sequence[int] | np.ndarray = ()
     ) -> tuple[np.ndarray | None, dict[str, list[str]]]:
         """Row mask for ``filters`` minus ``exclude_rows`` and every copy of their photos (None = all rows)."""
         items = self.index.items
@@ -366,7 +368,7 @@ class Recommender:
         query: np.ndarray,
         k: int,
         filters: Mapping[str, Any] | None,
-        exclude_rows: Sequence[int],
+        exclude_rows: Sequence[int] | np.ndarray,
         description: dict[str, Any],
         explainer: Callable[[Mapping[str, Any]], explain.Explanation],
         timings: dict[str, float],
@@ -413,12 +415,12 @@ class Recommender:
 
     def _rows(self, ids: Sequence[int], what: str) -> np.ndarray:
         try:
-            ids = np.asarray([int(i) for i in ids], dtype=np.int64)
+            id_array = np.asarray([int(i) for i in ids], dtype=np.int64)
         except (TypeError, ValueError) as err:
             raise QueryError(f"{what}: item ids must be integers ({err})") from err
-        rows = self.index.rows_of(ids)
+        rows = self.index.rows_of(id_array)
         if (rows < 0).any():
-            unknown = ids[rows < 0].tolist()
+            unknown = id_array[rows < 0].tolist()
             raise UnknownItemError(
                 f"{what}: unknown item id(s) {unknown[:10]}; the index holds {self.index.n} items "
                 f"(ids {int(self.index.ids.min())}..{int(self.index.ids.max())})"
