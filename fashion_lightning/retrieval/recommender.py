@@ -123,7 +123,7 @@ class Recommender:
     ) -> None:
         self.index = index
         self._encoder = encoder
-        self._encoder_loader = encoder_loader or _checkpoint_loader(index.model_info)
+        self._encoder_loader = encoder_loader or _checkpoint_loader(index)
         self.groups = _duplicate_groups(index.items)
         self._values: dict[str, dict[str, str]] = {}
         self._records: list[dict[str, Any]] | None = None
@@ -575,18 +575,28 @@ def _duplicate_groups(items: pd.DataFrame) -> np.ndarray | None:
     return codes
 
 
-def _checkpoint_loader(model_info: Mapping[str, Any]) -> Callable[[], Encoder] | None:
-    checkpoint = model_info.get("checkpoint")
-    if not checkpoint:
+def verified_checkpoint_path(index: LoadedIndex) -> Path | None:
+    """The index's checkpoint, resolved against the folder and checked (size + sha256) right now.
+
+    None when the manifest names no checkpoint; ModelLoadError when the file is gone. A swapped or
+    edited checkpoint raises the manifest's IndexIntegrityError before anything unpickles it.
+    """
+    checkpoint = index.checkpoint()
+    if checkpoint is not None and not checkpoint.is_file():
+        raise ModelLoadError(f"the index was built from {checkpoint}, which no longer exists; pass encoder=")
+    return checkpoint
+
+
+def _checkpoint_loader(index: LoadedIndex) -> Callable[[], Encoder] | None:
+    if not index.model_info.get("checkpoint"):
         return None
 
     def load() -> Encoder:
-        if not Path(checkpoint).is_file():
-            raise ModelLoadError(f"the index was built from {checkpoint}, which no longer exists; pass encoder=")
+        checkpoint = verified_checkpoint_path(index)  # at load time: the file may have changed since start-up
         from fashion_lightning.models.base import load_module
 
         try:
-            return load_module(checkpoint)  # in eval mode
+            return load_module(str(checkpoint))  # in eval mode
         except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as err:
             raise ModelLoadError(f"cannot load the index's model {checkpoint}: {err}") from err
 

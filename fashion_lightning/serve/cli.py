@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 import warnings
-from pathlib import Path
 from typing import cast
 
 import hydra
@@ -16,7 +15,8 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from fashion_lightning.data.source import CatalogNotFoundError, CatalogSource
-from fashion_lightning.retrieval import Encoder, ModelLoadError, Recommender, RetrievalError
+from fashion_lightning.retrieval import Encoder, Recommender, RetrievalError
+from fashion_lightning.retrieval.recommender import verified_checkpoint_path
 from fashion_lightning.serve.app import ServeSettings, create_app
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
 
@@ -31,15 +31,13 @@ def build(cfg: DictConfig):
     recommender = Recommender.from_dir(cfg.index_dir)
     root = cfg.catalog_root or recommender.index.model_info.get("catalog")
     source = CatalogSource(root) if root else None
-    checkpoint = recommender.index.model_info.get("checkpoint")
+    checkpoint = verified_checkpoint_path(recommender.index)  # resolved in the index folder, size + sha256
     if checkpoint and cfg.inference == "process":
         from fashion_lightning.serve.inference import ProcessEncoder
 
-        if not Path(checkpoint).is_file():
-            raise ModelLoadError(f"the index was built from {checkpoint}, which no longer exists")
         recommender = Recommender(
             recommender.index,
-            cast("Encoder", ProcessEncoder(checkpoint, int(cfg.inference_workers), cfg.torch_threads).start()),
+            cast("Encoder", ProcessEncoder(str(checkpoint), int(cfg.inference_workers), cfg.torch_threads).start()),
         )
     elif checkpoint and cfg.preload_model:
         if cfg.torch_threads:

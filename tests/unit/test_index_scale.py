@@ -182,3 +182,19 @@ def test_checkpoint_is_recorded_verified_and_moves_with_the_folder(tmp_path):
     other.write_bytes(b"y" * 10)
     with pytest.raises(IndexIntegrityError, match=r"other\.ckpt: sha256"):
         load_index(tmp_path / "plain")
+
+
+def test_model_load_rechecks_the_checkpoint_a_service_started_with(tmp_path, monkeypatch):
+    """A checkpoint swapped after start-up is refused when the model is loaded, before it is unpickled."""
+    from fashion_lightning.models import base
+    from fashion_lightning.retrieval import Recommender
+
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    (folder / "model.ckpt").write_bytes(b"weights v1" * 100)
+    build_index(clustered(30, 8), meta(30), folder, {**checkpoint_record(folder / "model.ckpt", folder)})
+    recommender = Recommender.from_dir(folder)  # verified now
+    (folder / "model.ckpt").write_bytes(b"weights v2" * 100)  # swapped while serving
+    monkeypatch.setattr(base, "load_module", lambda path: pytest.fail("a swapped checkpoint was loaded"))
+    with pytest.raises(IndexIntegrityError, match=r"model\.ckpt: sha256"):
+        recommender.encoder  # noqa: B018
