@@ -74,8 +74,8 @@ class FashionDataset(Dataset):
     def __getitem__(self, index: int | tuple[int, int]) -> dict:
         if isinstance(index, tuple):  # (index, epoch seed) from EpochShuffleSampler: reseed once per epoch + worker
             index, seed = index
-            reseed = getattr(self.transform, "set_random_seed", None)
-            if seed != self._stream_seed and reseed is not None:
+            reseed = getattr(self.transform, "set_random_seed", None) if seed != self._stream_seed else None
+            if reseed is not None:
                 info = torch.utils.data.get_worker_info()
                 reseed((seed + 7919 * (info.id if info else 0)) % 2**32)
                 self._stream_seed = seed
