@@ -6,6 +6,8 @@ and written to ``metrics.json`` (``unseen_labels``) instead of crashing the run.
 
 from __future__ import annotations
 
+from typing import Any
+
 import hydra
 import lightning as L
 from hydra.utils import instantiate
@@ -20,23 +22,35 @@ from fashion_lightning.utils.task_wrapper import task_wrapper
 
 
 @task_wrapper
-def evaluate(cfg: DictConfig) -> dict:
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     module = load_module(cfg.ckpt_path)
     datamodule = instantiate(cfg.data, vocabs=module.vocabs.to_dict(), tasks=module.vocabs.tasks)
     datamodule.setup("test")
     unseen = datamodule.unseen_labels()
     for task, labels in unseen.items():
-        log.warning("%s: %d item(s) carry labels the checkpoint never saw (%s); scored as %s",
-                    task, sum(labels.values()), ", ".join(list(labels)[:5]),
-                    "'Other'" if module.vocabs[task].other_index >= 0 else "unknown (ignored)")
+        log.warning(
+            "%s: %d item(s) carry labels the checkpoint never saw (%s); scored as %s",
+            task,
+            sum(labels.values()),
+            ", ".join(list(labels)[:5]),
+            "'Other'" if module.vocabs[task].other_index >= 0 else "unknown (ignored)",
+        )
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=instantiate_callbacks(cfg.get("callbacks")), logger=instantiate_loggers(cfg.get("logger"))
+        cfg.trainer,
+        callbacks=instantiate_callbacks(cfg.get("callbacks")),
+        logger=instantiate_loggers(cfg.get("logger")),
     )
     trainer.test(module, datamodule=datamodule)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    metrics.update({"checkpoint": str(cfg.ckpt_path), "eval_split": cfg.data.split,
-                    "eval_items": len(datamodule.predict_frame), "unseen_labels": unseen})
+    metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics.update(
+        {
+            "checkpoint": str(cfg.ckpt_path),
+            "eval_split": cfg.data.split,
+            "eval_items": len(datamodule.predict_frame),
+            "unseen_labels": unseen,
+        }
+    )
     if trainer.is_global_zero:
         metrics = update_json(f"{cfg.paths.output_dir}/metrics.json", metrics)
         print_summary(metrics, "test", module.vocabs.tasks)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -24,13 +25,17 @@ from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_ru
 from fashion_lightning.utils.config_check import ConfigError
 from fashion_lightning.utils.task_wrapper import task_wrapper
 
+if TYPE_CHECKING:
+    import numpy as np
+
 
 @task_wrapper
 def recommend(cfg: DictConfig) -> RecommendationResult:
     k = check_k(cfg.k)  # before the index loads: k=abc or k=2.5 is a typo, not a query
     recommender = Recommender.from_dir(cfg.index_dir)
-    query = OmegaConf.to_container(cfg.query, resolve=True)
-    filters = {k: v for k, v in OmegaConf.to_container(cfg.filters, resolve=True).items() if v is not None}
+    query = cast(dict[str, Any], OmegaConf.to_container(cfg.query, resolve=True))  # a DictConfig node: a dict
+    all_filters = cast(dict[str, Any], OmegaConf.to_container(cfg.filters, resolve=True))
+    filters = {k: v for k, v in all_filters.items() if v is not None}
     result = recommender.recommend(
         image=query["image"], text=query["text"], item_id=query["item_id"], history=query["history"],
         disliked=query["disliked"], half_life=query["half_life"], k=k, filters=filters,
@@ -41,10 +46,19 @@ def recommend(cfg: DictConfig) -> RecommendationResult:
     Console().print(results_table(result))
     if cfg.gallery:
         root = cfg.catalog_root or recommender.index.model_info.get("catalog")
+        if root is None:
+            raise ConfigError("gallery=true needs catalog_root=...: the index does not record its catalog")
         source = CatalogSource(root)
+
+        def load(item_id: int) -> np.ndarray:
+            data = source.image_bytes(item_id)
+            if data is None:  # not in this catalog: the gallery draws a placeholder
+                raise KeyError(item_id)
+            return to_native(data)
+
         images = query["image"]
         render_gallery(
-            result, out / "gallery.png", lambda item_id: to_native(source.image_bytes(item_id)),
+            result, out / "gallery.png", load,
             query_images=[images] if isinstance(images, str) else images, query_text=query["text"],
         )  # fmt: skip
     log.info("recommendations.json%s written to %s", " and gallery.png" if cfg.gallery else "", out)

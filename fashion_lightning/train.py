@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import hydra
 import lightning as L
 from hydra.utils import instantiate
@@ -17,15 +19,16 @@ from fashion_lightning.utils.task_wrapper import task_wrapper
 
 
 @task_wrapper
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Returns the final metrics (also in ``<run dir>/metrics.json``)."""
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Returns the final metrics (also in ``<run dir>/metrics.json``): floats, and ``best_checkpoint``."""
     resume_vocabs = None
     if cfg.get("ckpt_path"):  # resuming: keep the checkpoint's label space, continue in its run dir
         resume_vocabs = read_checkpoint(cfg.ckpt_path)["hyper_parameters"]["vocabs"]
         origin = run_dir_of(cfg.ckpt_path)
         if cfg.get("resume_in_place", True) and origin is not None:
-            log.info("resuming in the checkpoint's run dir %s (this launch's own folder: %s)",
-                     origin, cfg.paths.output_dir)
+            log.info(
+                "resuming in the checkpoint's run dir %s (this launch's own folder: %s)", origin, cfg.paths.output_dir
+            )
             with open_dict(cfg):
                 cfg.paths.output_dir = str(origin)
     claim_run_dir(cfg.paths.output_dir, cfg.get("ckpt_path"))
@@ -35,17 +38,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.setup("fit")
     model = instantiate(cfg.model, vocabs=datamodule.vocabs, class_weights=datamodule.class_weights)
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=instantiate_callbacks(cfg.get("callbacks")), logger=instantiate_loggers(cfg.get("logger"))
+        cfg.trainer,
+        callbacks=instantiate_callbacks(cfg.get("callbacks")),
+        logger=instantiate_loggers(cfg.get("logger")),
     )
     for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True)))
 
     trains = cfg.train and getattr(model, "requires_training", True)
     if trains:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if cfg.test:
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        best = _best_checkpoint(trainer)
         if not best:
             log.info("no best checkpoint (not trained, or no checkpoint callback): testing the current weights")
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
@@ -55,12 +60,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
             trainer.save_checkpoint(frozen)
             metrics["best_checkpoint"] = frozen
     if trainer.is_global_zero:
-        if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path:
-            metrics["best_checkpoint"] = trainer.checkpoint_callback.best_model_path
+        if best_checkpoint := _best_checkpoint(trainer):
+            metrics["best_checkpoint"] = best_checkpoint
         metrics = update_json(f"{cfg.paths.output_dir}/metrics.json", metrics)
         print_summary(metrics, "test" if cfg.test else "val", datamodule.vocabs.tasks)
         log.info("run dir: %s", cfg.paths.output_dir)
     return metrics
+
+
+def _best_checkpoint(trainer: L.Trainer) -> str:
+    """The checkpoint callback's best path ("" without one); Trainer types it as the Checkpoint base class."""
+    return getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
 
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="train")
@@ -70,7 +80,9 @@ def main(cfg: DictConfig) -> float | None:
         metrics = train(cfg)
     metric = cfg.get("optimized_metric")
     if metric and metric not in metrics:
-        raise KeyError(f"optimized_metric {metric!r} was not logged; available: {sorted(k for k in metrics if '/' in k)[:20]}")
+        raise KeyError(
+            f"optimized_metric {metric!r} was not logged; available: {sorted(k for k in metrics if '/' in k)[:20]}"
+        )
     return metrics.get(metric) if metric else None
 
 

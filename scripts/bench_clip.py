@@ -128,8 +128,9 @@ def main() -> None:
     rows.append(("fine-tune step", bs / ours, bs / base, "images/s"))
 
     summary = net.trainable_summary()
+    locked = ", text tower locked" if args.lock_text else ""
     table = Table(title=f"{args.model_name} ({args.pretrained}) {h}x{w}, batch {bs}, {device}, "
-                        f"{torch.get_num_threads()} threads" + (", text tower locked" if args.lock_text else ""))  # fmt: skip
+                        f"{torch.get_num_threads()} threads{locked}")  # fmt: skip
     for col in ("measure", "ours", "bare open_clip", "unit", "overhead %"):
         table.add_column(col, justify="right" if col != "measure" else "left")
     for name, ours_rate, bare_rate, unit in rows:

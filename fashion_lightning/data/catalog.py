@@ -63,9 +63,10 @@ class DataReport:
     def summary(self) -> str:
         drops = ", ".join(f"{k}={v}" for k, v in self.dropped.items()) or "none"
         fills = ", ".join(f"{k}={v}" for k, v in self.filled.items()) or "none"
+        repairs = ", ".join(f"{k}={v}" for k, v in self.repaired.items()) or "none"
         return (
             f"{self.rows_read} rows read, {self.rows_kept} kept; repaired {sum(self.repaired.values())} "
-            f"({', '.join(f'{k}={v}' for k, v in self.repaired.items()) or 'none'}); dropped: {drops}; filled Unknown: {fills}"
+            f"({repairs}); dropped: {drops}; filled Unknown: {fills}"
         )
 
 
@@ -103,7 +104,9 @@ def parse_styles(raw: bytes, report: DataReport) -> pd.DataFrame:
         raise ValueError(f"styles.csv lacks column(s) {missing}; header is {header}")
     width = len(header)
     name_col = header.index("productDisplayName")
-    rows, short, repaired = [], [], Counter()
+    rows: list[list[str]] = []
+    short: list[int | str] = []
+    repaired: Counter[str] = Counter()
     for fields in reader:
         if not fields or all(not f.strip() for f in fields):
             continue
@@ -135,7 +138,9 @@ def _id_value(value: object) -> int | str:
         return "" if value is None else str(value).strip()
 
 
-def clean_styles(frame: pd.DataFrame, report: DataReport, exclude_master_categories: Iterable[str] = ()) -> pd.DataFrame:
+def clean_styles(
+    frame: pd.DataFrame, report: DataReport, exclude_master_categories: Iterable[str] = ()
+) -> pd.DataFrame:
     """Apply the study's cleaning rules, recording each by reason."""
     frame = frame.replace({v: None for v in sorted(MISSING_VALUES)})
     ids = pd.to_numeric(frame["id"], errors="coerce")

@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import pandas as pd
+from lightning.fabric.utilities.data import AttributeDict
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader
 
@@ -24,8 +25,8 @@ from fashion_lightning.data.class_weights import balanced_class_weights
 from fashion_lightning.data.dataset import FashionDataset, seed_worker_transform
 from fashion_lightning.data.image_cache import ImageCache, attach_images, build_image_cache
 from fashion_lightning.data.images import NATIVE_HW
-from fashion_lightning.data.schema import ALL_TASKS, TASKS
 from fashion_lightning.data.sampling import EpochShuffleSampler
+from fashion_lightning.data.schema import ALL_TASKS, TASKS
 from fashion_lightning.data.splits import SPLITS, load_splits, save_splits, stratified_split
 from fashion_lightning.data.vocab import LabelVocabs
 
@@ -35,6 +36,8 @@ EVAL_SPLITS = (*SPLITS, "all")
 
 class FashionDataModule(L.LightningDataModule):
     """Kaggle-layout catalog (folder, nested folder or .zip) or the synthetic one, as loaders."""
+
+    hparams: AttributeDict  # what save_hyperparameters() stores (Lightning types the property as a MutableMapping)
 
     def __init__(
         self,
@@ -83,7 +86,10 @@ class FashionDataModule(L.LightningDataModule):
         self.output_dir = Path(output_dir) if output_dir else None
         self.tasks = list(tasks)
         self.train_transform = train_transform
-        self.vocabs: LabelVocabs | None = LabelVocabs.from_dict(vocabs) if isinstance(vocabs, Mapping) else vocabs
+        # LabelVocabs is itself a Mapping (of TaskVocab): only plain {task: classes} mappings are converted
+        self.vocabs: LabelVocabs | None = (
+            vocabs if vocabs is None or isinstance(vocabs, LabelVocabs) else LabelVocabs.from_dict(vocabs)
+        )
         self.catalog: Catalog | None = None
         self._raw_catalog: Catalog | None = None  # loaded by prepare_data, consumed by setup
         self.cache: ImageCache | None = None
@@ -117,7 +123,9 @@ class FashionDataModule(L.LightningDataModule):
         split = (
             load_splits(frame, self.hparams.splits_path)
             if self.hparams.splits_path
-            else stratified_split(frame, "articleType", self.hparams.test_size, self.hparams.val_size, self.hparams.split_seed)
+            else stratified_split(
+                frame, "articleType", self.hparams.test_size, self.hparams.val_size, self.hparams.split_seed
+            )
         )
         self.frames = {name: frame[split == name].reset_index(drop=True) for name in SPLITS}
         self.frames["all"] = frame[split != "unlisted"].reset_index(drop=True)
@@ -134,6 +142,12 @@ class FashionDataModule(L.LightningDataModule):
         sizes = ", ".join(f"{k}={len(v)}" for k, v in self.frames.items())
         log.info("data ready: %s; classes %s", sizes, self.vocabs.num_classes)
 
+    def _built(self) -> tuple[LabelVocabs, ImageCache, Catalog]:
+        """The vocabulary, image cache and cleaned catalog that :meth:`setup` builds."""
+        if self.vocabs is None or self.cache is None or self.catalog is None:
+            raise RuntimeError("FashionDataModule.setup() has not run yet")
+        return self.vocabs, self.cache, self.catalog
+
     def _subsample(self, frame: pd.DataFrame) -> pd.DataFrame:
         n = self.hparams.max_items
         if n is None or n >= len(frame):
@@ -142,12 +156,16 @@ class FashionDataModule(L.LightningDataModule):
         return frame.sample(n=n, random_state=self.hparams.split_seed).sort_index().reset_index(drop=True)
 
     def _class_weights(self, train: pd.DataFrame) -> dict[str, Any]:
-        labels = self.vocabs.encode(train)
+        vocabs = self._built()[0]
+        labels = vocabs.encode(train)
         return {
             task: balanced_class_weights(
-                labels[:, col], len(self.vocabs[task]), self.hparams.class_weight_power, tuple(self.hparams.class_weight_clip)
+                labels[:, col],
+                len(vocabs[task]),
+                self.hparams.class_weight_power,
+                tuple(self.hparams.class_weight_clip),
             )
-            for col, task in enumerate(self.vocabs.tasks)
+            for col, task in enumerate(vocabs.tasks)
         }
 
     def texts(self, frame: pd.DataFrame) -> list[str]:
@@ -157,12 +175,13 @@ class FashionDataModule(L.LightningDataModule):
         return [template.format(**row) for row in frame.to_dict("records")]
 
     def _dataset(self, frame: pd.DataFrame, train: bool) -> FashionDataset:
-        h, w = self.cache.size_hw
+        vocabs, cache, _ = self._built()
+        h, w = cache.size_hw
         return FashionDataset(
-            images_path=self.cache.images_path,
-            cache_shape=(len(self.cache.ids), h, w, 3),
+            images_path=cache.images_path,
+            cache_shape=(len(cache.ids), h, w, 3),
             cache_rows=frame["cache_row"].to_numpy(),
-            labels=self.vocabs.encode(frame),
+            labels=vocabs.encode(frame),
             ids=frame["id"].to_numpy(),
             texts=self.texts(frame),
             transform=self.train_transform if train else None,
@@ -172,14 +191,15 @@ class FashionDataModule(L.LightningDataModule):
     def _write_reports(self, frame: pd.DataFrame, split: pd.Series) -> None:
         if self.output_dir is None:
             return
+        vocabs, _, catalog = self._built()
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.catalog.report.save(self.output_dir / "data_report.json")
+        catalog.report.save(self.output_dir / "data_report.json")
         save_splits(frame, split, self.output_dir / "splits.csv")
-        self.vocabs.save(self.output_dir / "vocab.json")
+        vocabs.save(self.output_dir / "vocab.json")
 
     def unseen_labels(self, split: str | None = None) -> dict[str, dict[str, int]]:
         """Labels in ``split`` that the vocabulary never saw (evaluating a checkpoint on new data)."""
-        return self.vocabs.unseen_labels(self.frames[split or self.hparams.split])
+        return self._built()[0].unseen_labels(self.frames[split or self.hparams.split])
 
     # -- loaders --------------------------------------------------------------------------
     def _loader(self, name: str, train: bool = False) -> DataLoader:
@@ -216,6 +236,7 @@ class FashionDataModule(L.LightningDataModule):
 
     def image_loader(self) -> Callable[[int], np.ndarray]:
         """``id -> native image`` for galleries and reports."""
-        rows = dict(zip(self.catalog.frame["id"].tolist(), self.catalog.frame["cache_row"].tolist()))
-        images = self.cache.open_images()
+        _, cache, catalog = self._built()
+        rows = dict(zip(catalog.frame["id"].tolist(), catalog.frame["cache_row"].tolist()))
+        images = cache.open_images()
         return lambda item_id: np.asarray(images[rows[int(item_id)]])

@@ -17,9 +17,11 @@ def seed_worker_transform(worker_id: int) -> None:
     otherwise inherit in the same state (every worker drawing identical augmentations).
     """
     info = torch.utils.data.get_worker_info()
-    transform = getattr(info.dataset, "transform", None)
-    if hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(info.seed % 2**32)
+    if info is None:  # called outside a DataLoader worker
+        return
+    reseed = getattr(getattr(info.dataset, "transform", None), "set_random_seed", None)
+    if reseed is not None:
+        reseed(info.seed % 2**32)
 
 
 class FashionDataset(Dataset):
@@ -72,9 +74,10 @@ class FashionDataset(Dataset):
     def __getitem__(self, index: int | tuple[int, int]) -> dict:
         if isinstance(index, tuple):  # (index, epoch seed) from EpochShuffleSampler: reseed once per epoch + worker
             index, seed = index
-            if seed != self._stream_seed and hasattr(self.transform, "set_random_seed"):
+            reseed = getattr(self.transform, "set_random_seed", None) if seed != self._stream_seed else None
+            if reseed is not None:
                 info = torch.utils.data.get_worker_info()
-                self.transform.set_random_seed((seed + 7919 * (info.id if info else 0)) % 2**32)
+                reseed((seed + 7919 * (info.id if info else 0)) % 2**32)
                 self._stream_seed = seed
         img = self.image(index)
         if self.transform is not None:

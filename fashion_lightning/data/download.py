@@ -68,8 +68,9 @@ def move_aside(target: Path) -> Path:
         aside = target.with_name(f"{target.name}.old-{stamp}-{n}")
         n += 1
     os.rename(target, aside)
-    log.warning("moved the existing %s aside to %s (force=true); delete it yourself when no longer needed",
-                target, aside)
+    log.warning(
+        "moved the existing %s aside to %s (force=true); delete it yourself when no longer needed", target, aside
+    )
     return aside
 
 
@@ -111,7 +112,7 @@ def download_dataset(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     target = Path(target_dir).expanduser().absolute() if target_dir else None
     occupied = target is not None and (target.exists() or target.is_symlink()) and not _is_empty_dir(target)
-    if occupied and not force:
+    if target is not None and occupied and not force:  # (target is not None: spelled out for mypy)
         try:
             source = validate_catalog(target)
         except CatalogNotFoundError:

@@ -94,6 +94,7 @@ def _decode_chunk(args: tuple[CatalogSource, list[int], tuple[int, int]]):
             failures[item_id] = (UNREADABLE, f"cannot read the image file ({type(err).__name__}: {err})")
             continue
         digests.append(hashlib.sha1(data).hexdigest() if data else "")
+        assert data is not None, item_id  # ids come from source.image_ids: every id has a file
         try:
             out[k] = to_native(data, size_hw)
         except ImageDecodeError as err:
@@ -119,6 +120,7 @@ def _die_with_parent(parent_pid: int) -> None:
         if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
             raise OSError(ctypes.get_errno(), "prctl failed")
     except (OSError, AttributeError):
+
         def watch() -> None:
             while os.getppid() == parent_pid:
                 time.sleep(1.0)
@@ -166,7 +168,10 @@ def remove_stale_builds(root: Path, timeout_s: float = BUILD_TIMEOUT_S) -> list[
 
 
 def build_image_cache(
-    source: CatalogSource, cache_dir: str | Path, size_hw: tuple[int, int] = NATIVE_HW, num_workers: int | None = None,
+    source: CatalogSource,
+    cache_dir: str | Path,
+    size_hw: tuple[int, int] = NATIVE_HW,
+    num_workers: int | None = None,
     build_timeout_s: float = BUILD_TIMEOUT_S,
 ) -> ImageCache:
     """Return the cache for ``source``, decoding all its images on first use."""
@@ -211,10 +216,15 @@ def build_image_cache(
             np.save(tmp / "ids.npy", np.asarray(ids, dtype=np.int64))
             np.save(tmp / "sha1.npy", np.asarray(digests, dtype="U40"))
             (tmp / OWNER_FILE).unlink()
-            meta = {"version": CACHE_VERSION, "source": str(source.root), "size_hw": [h, w], "count": len(ids),
-                    "resize": "letterbox (aspect kept, white bars)",
-                    "failures": {str(k): v for k, v in failures.items()},
-                    "failure_reasons": {str(k): v for k, v in reasons.items()}}
+            meta = {
+                "version": CACHE_VERSION,
+                "source": str(source.root),
+                "size_hw": [h, w],
+                "count": len(ids),
+                "resize": "letterbox (aspect kept, white bars)",
+                "failures": {str(k): v for k, v in failures.items()},
+                "failure_reasons": {str(k): v for k, v in reasons.items()},
+            }
             atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1))
     except FileExistsError:  # another process finished first: use theirs
         if not (final / "meta.json").exists():

@@ -40,7 +40,7 @@ def open_image(data: bytes | str | Path) -> Image.Image:
     try:
         if isinstance(data, (str, Path)):
             data = Path(data).read_bytes()
-        img = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data))
         img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:  # a few KB can claim gigapixels
         raise ImageDecodeError(f"image too large to decode safely ({err})", TOO_LARGE) from err

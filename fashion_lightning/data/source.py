@@ -40,7 +40,7 @@ class CatalogSource:
     def _names(self) -> list[str]:
         if self.is_zip:
             return [n for n in self._zipfile().namelist() if not n.endswith("/")]
-        names = []
+        names: list[str] = []
         for dirpath, dirnames, filenames in os.walk(self.root):
             depth = len(Path(dirpath).relative_to(self.root).parts)
             if depth >= _MAX_DEPTH:
@@ -64,7 +64,7 @@ class CatalogSource:
         prefix = "images/" if base == "." else f"{base}/images/"
         images: dict[int, str] = {}
         for n in names:  # plain string tests: PurePosixPath per name cost ~1 s on the 44k-file zip
-            if n.startswith(prefix) and "/" not in (name := n[len(prefix):]) and (m := _IMAGE_RE.match(name)):
+            if n.startswith(prefix) and "/" not in (name := n[len(prefix) :]) and (m := _IMAGE_RE.match(name)):
                 images[int(m.group(1))] = n
         return styles_path, images
 

@@ -10,6 +10,7 @@ Configs build these with ``_target_: albumentations.Compose`` (see ``conf/data/d
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import albumentations as A
 import cv2
@@ -35,7 +36,7 @@ class FusedNativeAugment(A.ImageOnlyTransform):
     def get_params(self) -> dict:
         g = self.random_generator
         u = g.random(4)
-        params = {"flip": bool(u[0] < self.hflip), "matrix": None, "lut": None}
+        params: dict[str, Any] = {"flip": bool(u[0] < self.hflip), "matrix": None, "lut": None}
         if u[1] < self.affine_p:
             angle, zoom = math.radians(g.uniform(-self.rotate, self.rotate)), g.uniform(*self.scale)
             tx, ty = g.uniform(-self.translate, self.translate, size=2)
@@ -62,7 +63,16 @@ class FusedNativeAugment(A.ImageOnlyTransform):
         return cv2.LUT(img, lut) if lut is not None else img
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("hflip", "rotate", "scale", "translate", "affine_p", "brightness_contrast", "brightness_contrast_p", "fill")
+        return (
+            "hflip",
+            "rotate",
+            "scale",
+            "translate",
+            "affine_p",
+            "brightness_contrast",
+            "brightness_contrast_p",
+            "fill",
+        )
 
 
 def default_train_transform() -> A.Compose:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import importlib
 import pickle
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.data import AttributeDict
 
 from fashion_lightning.data.vocab import LabelVocabs
 
@@ -29,7 +30,7 @@ def plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
-def as_vocabs(vocabs: LabelVocabs | Mapping[str, Any]) -> LabelVocabs:
+def as_vocabs(vocabs: LabelVocabs | Mapping[str, Iterable[str]]) -> LabelVocabs:
     return vocabs if isinstance(vocabs, LabelVocabs) else LabelVocabs.from_dict(vocabs)
 
 
@@ -37,6 +38,7 @@ class FashionModule(L.LightningModule):
     """Base LightningModule: subclasses set ``self.vocabs`` and implement the encoder protocol."""
 
     vocabs: LabelVocabs
+    hparams: AttributeDict  # what save_hyperparameters() stores (Lightning types the property as a MutableMapping)
 
     # --- encoder protocol (see README "Architecture") -------------------------------------
     embedding_name: str = "embedding"
@@ -67,8 +69,7 @@ class FashionModule(L.LightningModule):
 
     def _decode_logits(self, logits: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
         return {
-            task: [self.vocabs.decode(task, int(i)) for i in out.argmax(dim=1).tolist()]
-            for task, out in logits.items()
+            task: [self.vocabs.decode(task, int(i)) for i in out.argmax(dim=1).tolist()] for task, out in logits.items()
         }
 
     def embed_items(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:

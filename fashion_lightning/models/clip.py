@@ -80,10 +80,10 @@ def _resolve(value: Any) -> Any:
 def _as_hw(size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(size, int):
         return (size, size)
-    size = tuple(int(s) for s in size)
-    if len(size) != 2:
-        raise ValueError(f"image size must be an int or (height, width), got {size}")
-    return size  # type: ignore[return-value]
+    hw = tuple(int(s) for s in size)
+    if len(hw) != 2:
+        raise ValueError(f"image size must be an int or (height, width), got {hw}")
+    return hw[0], hw[1]
 
 
 def fuse(image: torch.Tensor, text: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -153,6 +153,10 @@ class ClipFusionNet(nn.Module):
         init_logit_scale: optional override of the learnable temperature (log scale).
         cache_dir: open_clip download cache (online models only).
     """
+
+    # open_clip's CLIP / CustomTextCLIP: towers, logit_scale and lock_*_tower are attributes that
+    # nn.Module.__getattr__ would type as Tensor | Module
+    model: Any
 
     def __init__(
         self,
@@ -364,13 +368,13 @@ class ClipFusionNet(nn.Module):
         )
 
 
-def _lock_hf_text(text: nn.Module, unlock_last_n: int) -> None:
+def _lock_hf_text(text: Any, unlock_last_n: int) -> None:
     """Freeze an open_clip HF text tower but its projection; re-open the last ``n`` layers.
 
     open_clip's own ``HFTextEncoder.lock`` cannot unlock layers of BERT-family models
     (its arch table lacks their layer names), so this walks ``embeddings`` + ``encoder.layer``.
     """
-    transformer = text.transformer
+    transformer: nn.Module = text.transformer  # a transformers PreTrainedModel
     for p in transformer.parameters():
         p.requires_grad = False
     if not unlock_last_n:

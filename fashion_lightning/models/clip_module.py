@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from hydra.utils import instantiate
@@ -33,6 +33,9 @@ from fashion_lightning.models.finetune import ema_callbacks
 from fashion_lightning.models.losses import IGNORE_INDEX, MultiTaskLoss, fill_class_weights
 from fashion_lightning.models.optim import configure, split_optimizer_config
 from fashion_lightning.models.preprocess import DeviceInput
+
+if TYPE_CHECKING:
+    from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 
 MODES = ("frozen", "finetune")
 DEFAULT_OPTIMIZER = {
@@ -50,7 +53,7 @@ class ClipFusionModule(FashionModule):
 
     def __init__(
         self,
-        net: Mapping[str, Any] | nn.Module,
+        net: Mapping[str, Any] | ClipFusionNet,
         vocabs: LabelVocabs | Mapping[str, list[str]],
         class_weights: Mapping[str, torch.Tensor] | None = None,
         mode: str = "finetune",
@@ -258,6 +261,7 @@ class ClipFusionModule(FashionModule):
             self.log("train/loss/contrastive", contrastive, batch_size=bs)
             self.log("train/logit_scale", scale.detach(), batch_size=bs)
         if self.heads:
+            assert self.task_loss is not None  # built whenever heads are
             losses = self.task_loss(self._head_logits(image.detach() if not finetune else image), batch["labels"])
             total = total + losses["loss"]
             self.log_dict({f"train/loss/{t}": losses[t] for t in self.heads}, batch_size=bs)
@@ -295,6 +299,7 @@ class ClipFusionModule(FashionModule):
         loss = self._contrastive(image, text, scale) if len(image) > 1 else image.new_zeros(())
         logits = self._head_logits(image) if self.heads else self.zero_shot_logits(image)
         if self.heads:
+            assert self.task_loss is not None  # built whenever heads are
             loss = loss + self.task_loss(logits, batch["labels"])["loss"]
         if self._inside_loop():
             self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
@@ -349,7 +354,7 @@ class ClipFusionModule(FashionModule):
         return metrics
 
     # --- optimisation --------------------------------------------------------------------------
-    def configure_optimizers(self) -> dict:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         """Pretrained tower weights at ``lr``; new parameters (heads, added projections, temperature) at ``new_lr``."""
         if not any(p.requires_grad for p in self.parameters()):
             raise RuntimeError("no trainable parameters: mode='frozen' without heads needs no optimiser")

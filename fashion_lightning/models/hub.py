@@ -23,7 +23,7 @@ class HubUnavailable(RuntimeError):
     """Pretrained weights had to come from a model hub and the hub could not be reached."""
 
 
-def is_network_error(err: BaseException) -> bool:
+def is_network_error(err: BaseException | None) -> bool:
     """True when ``err`` or anything in its cause chain is a connection / offline-cache failure."""
     seen: set[int] = set()
     while err is not None and id(err) not in seen:

@@ -37,7 +37,7 @@ class MultiTaskNet(nn.Module):
         self.backbone = create_backbone(backbone, pretrained, checkpoint_path, **backbone_kwargs)
         mean, std = normalisation(self.backbone, pretrained)
         self.preprocess = DeviceInput(input_size, mean, std, channels_last=channels_last)
-        features = self.backbone.num_features
+        features: int = self.backbone.num_features  # type: ignore[assignment]  # timm models set num_features
         self.neck = nn.Linear(features, embed_dim) if embed_dim else nn.Identity()
         self.embed_dim = embed_dim or features
         self.dropout = nn.Dropout(dropout)

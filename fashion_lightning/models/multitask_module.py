@@ -15,7 +15,7 @@ backbone in ``configure_model``, so loading a checkpoint for eval/index never co
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from hydra.utils import instantiate
@@ -28,6 +28,9 @@ from fashion_lightning.models.losses import MultiTaskLoss, fill_class_weights
 from fashion_lightning.models.multitask import MultiTaskNet
 from fashion_lightning.models.optim import configure, layer_scales, split_optimizer_config
 
+if TYPE_CHECKING:
+    from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
+
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "lr": 1e-3, "backbone_lr_ratio": 0.1, "weight_decay": 0.01}
 DEFAULT_SCHEDULER = {"warmup_ratio": 0.05, "min_lr_ratio": 0.01}
 
@@ -37,7 +40,7 @@ class MultiTaskModule(FashionModule):
 
     def __init__(
         self,
-        net: Mapping[str, Any] | nn.Module,
+        net: Mapping[str, Any] | MultiTaskNet,
         vocabs: LabelVocabs | Mapping[str, list[str]],
         class_weights: Mapping[str, torch.Tensor] | None = None,
         task_weights: Mapping[str, float] | None = None,
@@ -171,7 +174,7 @@ class MultiTaskModule(FashionModule):
         return embedding, logits
 
     # -- optimisation ---------------------------------------------------------------------
-    def configure_optimizers(self) -> dict:
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         """Heads at ``lr``; backbone at ``lr * backbone_lr_ratio`` (times ``layer_decay ** depth``)."""
         ratio = float(self.group_rules.get("backbone_lr_ratio", 1.0))
         decay = self.group_rules.get("layer_decay")

@@ -17,10 +17,13 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from lightning.pytorch.utilities.types import LRSchedulerConfigType, OptimizerLRSchedulerConfig
 
 DEFAULT_OPTIMIZER_TARGET = "torch.optim.AdamW"
 DEFAULT_SCHEDULER_TARGET = "fashion_lightning.models.optim.warmup_cosine"
@@ -83,7 +86,8 @@ def layer_scales(backbone: nn.Module, decay: float) -> dict[str, float]:
 
     if not hasattr(backbone, "group_matcher"):
         raise ValueError(f"layer_decay needs a timm backbone with group_matcher(); {type(backbone).__name__} has none")
-    layer_of = group_parameters(backbone, backbone.group_matcher(coarse=False), reverse=True)
+    matcher = backbone.group_matcher(coarse=False)  # type: ignore[operator]  # timm method, checked above
+    layer_of = group_parameters(backbone, matcher, reverse=True)
     top = max(layer_of.values())
     return {name: decay ** (top - layer_of.get(name, top)) for name, _ in backbone.named_parameters()}
 
@@ -112,7 +116,7 @@ def build_optimizer(
 
     cfg = dict(cfg)
     cls = get_class(cfg["_target_"])
-    if device.type == "cuda" and "fused" not in cfg and "fused" in inspect.signature(cls.__init__).parameters:
+    if device.type == "cuda" and "fused" not in cfg and "fused" in inspect.signature(cls).parameters:
         cfg["fused"] = True  # AdamW/Adam/SGD: one kernel per step instead of a loop over tensors
     if not groups:
         raise RuntimeError("no trainable parameters to optimise")
@@ -120,15 +124,22 @@ def build_optimizer(
 
 
 def build_scheduler(
-    cfg: Mapping[str, Any] | None, optimizer: torch.optim.Optimizer, total_steps: int, legacy: Mapping
-) -> dict:
+    cfg: Mapping[str, Any] | None, optimizer: torch.optim.Optimizer, total_steps: int | float, legacy: Mapping
+) -> LRSchedulerConfigType:
     """The Lightning ``lr_scheduler`` entry: a partial taking ``(optimizer, total_steps=...)``, stepped per batch."""
     from hydra.utils import instantiate
 
     cfg = {"_target_": DEFAULT_SCHEDULER_TARGET, **dict(legacy), **dict(cfg or {}), "_partial_": True}
     make = instantiate(cfg)
     params = inspect.signature(make.func).parameters
-    scheduler = make(optimizer, total_steps=total_steps) if "total_steps" in params else make(optimizer)
+    if "total_steps" not in params:
+        scheduler = make(optimizer)
+    elif math.isfinite(total_steps):
+        scheduler = make(optimizer, total_steps=int(total_steps))
+    else:  # Trainer.estimated_stepping_batches is inf when max_epochs=-1 and max_steps=-1
+        raise ValueError(
+            f"the scheduler {cfg['_target_']} needs the run's length: set trainer.max_epochs or trainer.max_steps"
+        )
     return {"scheduler": scheduler, "interval": "step", "name": "lr"}
 
 
@@ -137,11 +148,11 @@ def configure(
     optimizer_cfg: Mapping[str, Any],
     scheduler_cfg: Mapping[str, Any] | None,
     legacy_scheduler: Mapping[str, Any],
-    total_steps: int,
+    total_steps: int | float,
     device: torch.device,
     lr_scale: Callable[[str], float] = lambda name: 1.0,
     trainable_only: bool = True,
-) -> dict:
+) -> OptimizerLRSchedulerConfig:
     """A Lightning ``configure_optimizers`` dict from the two Hydra configs and an LR-scale rule."""
     groups = param_groups(
         named_parameters, optimizer_cfg["lr"], optimizer_cfg.get("weight_decay", 0.0), lr_scale, trainable_only

@@ -16,6 +16,9 @@ from torch import nn
 class DeviceInput(nn.Module):
     """``uint8 [B,3,h,w]`` -> ``float [B,3,H,W]`` resized to ``input_size`` and normalised."""
 
+    mean: torch.Tensor  # buffers, registered in __init__
+    std: torch.Tensor
+
     def __init__(
         self,
         input_size: Sequence[int] = (224, 224),

@@ -23,9 +23,9 @@ from fashion_lightning.retrieval.recommender import (
     PhotoTooLargeError,
     QueryError,
     Recommendation,
-    UnknownItemError,
     RecommendationResult,
     Recommender,
+    UnknownItemError,
 )
 from fashion_lightning.retrieval.search import (
     LoadedIndex,

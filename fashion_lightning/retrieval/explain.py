@@ -46,7 +46,7 @@ class Explanation:
 
 
 def attributes_of_rows(
-    rows: pd.DataFrame | Sequence[Mapping[str, Any]], weights: Sequence[float] | None = None
+    rows: pd.DataFrame | Sequence[Mapping[str, Any]], weights: Sequence[float] | np.ndarray | None = None
 ) -> QueryAttributes:
     """Weighted value shares of catalog rows (one item, or a user's liked items): a frame or records."""
     records = rows.to_dict(orient="records") if isinstance(rows, pd.DataFrame) else rows
@@ -117,7 +117,7 @@ def score_parts(
     out: list[dict[str, float] | None] = []
     for e, a in zip(fused, basis):
         coef, *_ = np.linalg.lstsq(a, e, rcond=None)
-        if np.linalg.norm(e - a @ coef) > FIT_TOLERANCE * max(np.linalg.norm(e), 1e-12):
+        if np.linalg.norm(e - a @ coef) > FIT_TOLERANCE * max(float(np.linalg.norm(e)), 1e-12):
             out.append(None)
             continue
         image_part, text_part = coef * (query @ a)

@@ -65,8 +65,17 @@ def _draw_query(ax, result, image_loader, query_images, query_text) -> None:
     query = result.query
     text = query_text if query_text is not None else query.get("text") if query.get("kind") == "text" else None
     if text is not None and not query_images:
-        ax.text(0.5, 0.5, "\n".join(textwrap.wrap(f"\u201c{text}\u201d", 20)), ha="center", va="center",
-                fontsize=9, style="italic", transform=ax.transAxes, wrap=True)
+        ax.text(
+            0.5,
+            0.5,
+            "\n".join(textwrap.wrap(f"\u201c{text}\u201d", 20)),
+            ha="center",
+            va="center",
+            fontsize=9,
+            style="italic",
+            transform=ax.transAxes,
+            wrap=True,
+        )
         ax.set_title("query (text)", fontsize=8, fontweight="bold")
         return
     if query_images:
@@ -117,17 +126,32 @@ def _placeholder() -> np.ndarray:
 def results_table(result: RecommendationResult, title: str | None = None) -> Table:
     """Rich table of the results (rank, id, name, type, colour, gender, score, shared attributes, parts)."""
     table = Table(title=title or _describe(result.query), show_lines=False)
-    for name, style in (("#", "dim"), ("id", "cyan"), ("name", ""), ("articleType", ""), ("baseColour", ""),
-                        ("gender", ""), ("score", "bold"), ("shares", "green")):
+    for name, style in (
+        ("#", "dim"),
+        ("id", "cyan"),
+        ("name", ""),
+        ("articleType", ""),
+        ("baseColour", ""),
+        ("gender", ""),
+        ("score", "bold"),
+        ("shares", "green"),
+    ):
         table.add_column(name, style=style or None, justify="right" if name in ("#", "id", "score") else "left")
     has_parts = any(r.explanation.parts for r in result.results)
     if has_parts:
         table.add_column("image / text part", justify="right")
     for rec in result.results:
         meta = rec.metadata
-        row = [str(rec.rank), str(rec.id), textwrap.shorten(str(meta.get("productDisplayName") or ""), 40),
-               str(meta.get("articleType", "")), str(meta.get("baseColour", "")), str(meta.get("gender", "")),
-               f"{rec.score:.4f}", shared_summary(rec.explanation)]
+        row = [
+            str(rec.rank),
+            str(rec.id),
+            textwrap.shorten(str(meta.get("productDisplayName") or ""), 40),
+            str(meta.get("articleType", "")),
+            str(meta.get("baseColour", "")),
+            str(meta.get("gender", "")),
+            f"{rec.score:.4f}",
+            shared_summary(rec.explanation),
+        ]
         if has_parts:
             parts = rec.explanation.parts
             row.append(f"{parts['image']:.3f} / {parts['text']:.3f}" if parts else "")

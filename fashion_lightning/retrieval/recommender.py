@@ -80,8 +80,10 @@ class Recommendation:
     explanation: explain.Explanation
 
     def to_dict(self) -> dict[str, Any]:
-        return {**{k: getattr(self, k) for k in ("rank", "id", "score", "metadata")},
-                "explanation": self.explanation.to_dict()}
+        return {
+            **{k: getattr(self, k) for k in ("rank", "id", "score", "metadata")},
+            "explanation": self.explanation.to_dict(),
+        }
 
 
 @dataclass
@@ -151,8 +153,7 @@ class Recommender:
         """JSON-ready metadata of index rows (built once: pandas row access costs ~1 ms a query)."""
         if self._records is None:
             self._records = [
-                {key: _plain(value) for key, value in row.items()}
-                for row in self.index.items.to_dict(orient="records")
+                {key: _plain(value) for key, value in row.items()} for row in self.index.items.to_dict(orient="records")
             ]
         return [self._records[int(r)] for r in rows]
 
@@ -178,12 +179,14 @@ class Recommender:
             raise QueryError(f"give exactly one of image, text, item_id, history (got {given or 'none'})")
         if disliked and given[0] != "history":
             raise QueryError("disliked ids only go with a history query")
-        if given[0] == "image":
+        kind = given[0]  # the "is not None" below are implied by _is_given; they narrow the types
+        if kind == "image" and image is not None:
             return self.by_images(image, k, filters)
-        if given[0] == "text":
+        if kind == "text" and text is not None:
             return self.by_text(text, k, filters)
-        if given[0] == "item_id":
+        if kind == "item_id" and item_id is not None:
             return self.by_item(item_id, k, filters)
+        assert history is not None
         return self.by_history(history, k, filters, disliked=disliked or (), weights=weights, half_life=half_life)
 
     def by_images(
@@ -202,15 +205,19 @@ class Recommender:
         query = _unit(vectors.mean(axis=0), "the query photos' embeddings cancel out")
         attributes = explain.attributes_of_predictions(predictions)
         sha1s = {d for d in digests if d}
-        exclude = []
+        exclude: Sequence[int] | np.ndarray = []
         if sha1s and "image_sha1" in self.index.items.columns:
             exclude = np.flatnonzero(self.index.items["image_sha1"].isin(sha1s).to_numpy())
         encode_ms = _ms(start)
         return self._run(
-            query, k, filters, exclude,
+            query,
+            k,
+            filters,
+            exclude,
             {"kind": "image", "images": list(labels), "predicted": {t: list(v) for t, v in predictions.items()}},
             lambda item: explain.explain_attributes(attributes, item, "predicted"),
-            {"encode_ms": encode_ms}, start,
+            {"encode_ms": encode_ms},
+            start,
         )
 
     def by_text(self, text: str, k: int = 10, filters: Mapping[str, Any] | None = None) -> RecommendationResult:
@@ -227,8 +234,14 @@ class Recommender:
             ) from err
         query = _unit(self._checked(embedded, "text")[0], "the text embedding is zero")
         return self._run(
-            query, k, filters, [], {"kind": "text", "text": text},
-            lambda item: explain.explain_text(text, item), {"encode_ms": _ms(start)}, start,
+            query,
+            k,
+            filters,
+            [],
+            {"kind": "text", "text": text},
+            lambda item: explain.explain_text(text, item),
+            {"encode_ms": _ms(start)},
+            start,
         )
 
     def by_item(self, item_id: int, k: int = 10, filters: Mapping[str, Any] | None = None) -> RecommendationResult:
@@ -238,8 +251,14 @@ class Recommender:
         attributes = explain.attributes_of_rows(self.records(rows))
         query = _unit(self.index.vectors(rows)[0], f"item {item_id} has a zero vector")
         return self._run(
-            query, k, filters, rows, {"kind": "item", "item_id": int(item_id)},
-            lambda item: explain.explain_attributes(attributes, item, "metadata"), {}, start,
+            query,
+            k,
+            filters,
+            rows,
+            {"kind": "item", "item_id": int(item_id)},
+            lambda item: explain.explain_attributes(attributes, item, "metadata"),
+            {},
+            start,
         )
 
     def by_history(
@@ -274,17 +293,28 @@ class Recommender:
             profile = profile - beta * self.index.vectors(disliked_rows).mean(axis=0)
         query = _unit(profile, "the liked and disliked items cancel out; like more items or lower beta")
         attributes = explain.attributes_of_rows(self.records(liked_rows), w)
-        description = {"kind": "history", "liked": liked, "disliked": disliked,
-                       "weights": [round(float(x), 6) for x in w / w.sum()], "beta": beta}
+        description = {
+            "kind": "history",
+            "liked": liked,
+            "disliked": disliked,
+            "weights": [round(float(x), 6) for x in w / w.sum()],
+            "beta": beta,
+        }
         return self._run(
-            query, k, filters, np.concatenate([liked_rows, disliked_rows]), description,
-            lambda item: explain.explain_attributes(attributes, item, "history"), {}, start,
+            query,
+            k,
+            filters,
+            np.concatenate([liked_rows, disliked_rows]),
+            description,
+            lambda item: explain.explain_attributes(attributes, item, "history"),
+            {},
+            start,
         )
 
     # -- shared machinery ------------------------------------------------------------------------
 
     def allowed_rows(
-        self, filters: Mapping[str, Any] | None, exclude_rows: Sequence[int] = ()
+        self, filters: Mapping[str, Any] | None, exclude_rows: Sequence[int] | np.ndarray = ()
     ) -> tuple[np.ndarray | None, dict[str, list[str]]]:
         """Row mask for ``filters`` minus ``exclude_rows`` and every copy of their photos (None = all rows)."""
         items = self.index.items
@@ -338,7 +368,7 @@ class Recommender:
         query: np.ndarray,
         k: int,
         filters: Mapping[str, Any] | None,
-        exclude_rows: Sequence[int],
+        exclude_rows: Sequence[int] | np.ndarray,
         description: dict[str, Any],
         explainer: Callable[[Mapping[str, Any]], explain.Explanation],
         timings: dict[str, float],
@@ -385,12 +415,12 @@ class Recommender:
 
     def _rows(self, ids: Sequence[int], what: str) -> np.ndarray:
         try:
-            ids = np.asarray([int(i) for i in ids], dtype=np.int64)
+            id_array = np.asarray([int(i) for i in ids], dtype=np.int64)
         except (TypeError, ValueError) as err:
             raise QueryError(f"{what}: item ids must be integers ({err})") from err
-        rows = self.index.rows_of(ids)
+        rows = self.index.rows_of(id_array)
         if (rows < 0).any():
-            unknown = ids[rows < 0].tolist()
+            unknown = id_array[rows < 0].tolist()
             raise UnknownItemError(
                 f"{what}: unknown item id(s) {unknown[:10]}; the index holds {self.index.n} items "
                 f"(ids {int(self.index.ids.min())}..{int(self.index.ids.max())})"
@@ -398,8 +428,9 @@ class Recommender:
         return rows
 
     def _checked(self, embedded: Any, what: str) -> np.ndarray:
-        vectors = np.asarray(embedded.detach().float().cpu().numpy() if hasattr(embedded, "detach") else embedded,
-                             dtype=np.float32)
+        vectors = np.asarray(
+            embedded.detach().float().cpu().numpy() if hasattr(embedded, "detach") else embedded, dtype=np.float32
+        )
         if vectors.ndim != 2 or vectors.shape[1] != self.index.dim:
             raise QueryError(
                 f"the encoder's {what} embeddings have shape {vectors.shape[1:]} but the index holds "

@@ -16,7 +16,7 @@ import sys
 import types
 import typing
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, cast
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -31,9 +31,10 @@ class ConfigError(ValueError):
 @contextlib.contextmanager
 def one_line_errors(*errors: type[BaseException]) -> Iterator[None]:
     """In an app's ``main``: user errors (config, checkpoint, run dir ...) -> one logged line and exit code 2."""
+    caught: tuple[type[BaseException], ...] = (ConfigError, *errors)
     try:
         yield
-    except (ConfigError, *errors) as err:
+    except caught as err:
         log.error("%s", err)
         sys.exit(2)
 
@@ -102,9 +103,7 @@ def check_config(cfg: DictConfig, nodes: Iterable[str] = ("data", "model", "trai
     """Fail fast, before any data is loaded, on missing values and wrongly typed target arguments."""
     missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
     if missing:
-        raise ConfigError(
-            f"missing value for {', '.join(missing)}: set it on the command line, e.g. {missing[0]}=..."
-        )
+        raise ConfigError(f"missing value for {', '.join(missing)}: set it on the command line, e.g. {missing[0]}=...")
     for name in nodes:
         node = cfg.get(name)
         if not isinstance(node, DictConfig) or "_target_" not in node:
@@ -113,4 +112,4 @@ def check_config(cfg: DictConfig, nodes: Iterable[str] = ("data", "model", "trai
             plain = OmegaConf.to_container(node, resolve=True)
         except OmegaConfBaseException as err:
             raise ConfigError(f"{name}: {err}".splitlines()[0]) from None
-        check_node_types(name, plain)
+        check_node_types(name, cast(dict[str, Any], plain))  # a DictConfig node: a dict

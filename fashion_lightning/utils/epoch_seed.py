@@ -29,7 +29,7 @@ class EpochSeed(L.Callback):
 
     @staticmethod
     def _set_epoch(trainer: L.Trainer) -> None:
-        datamodule = trainer.datamodule
+        datamodule = getattr(trainer, "datamodule", None)  # set by Lightning when fit() attaches one (untyped)
         if datamodule is not None and hasattr(datamodule, "epoch"):
             datamodule.epoch = trainer.current_epoch
 

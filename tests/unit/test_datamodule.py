@@ -13,9 +13,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from fashion_lightning.data.schema import TASKS
 from fashion_lightning.data.datamodule import FashionDataModule
 from fashion_lightning.data.images import NATIVE_HW, PAD_VALUE
+from fashion_lightning.data.schema import TASKS
 from fashion_lightning.data.transforms import default_train_transform
 from fashion_lightning.data.vocab import OTHER, UNKNOWN_INDEX, LabelVocabs
 
@@ -74,7 +74,9 @@ def test_train_loader_yields_the_batch_contract(dm: FashionDataModule):
     assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (b, 3, *NATIVE_HW)
     assert batch["labels"].dtype == torch.int64 and batch["labels"].shape == (b, len(dm.vocabs.tasks))
     assert batch["id"].dtype == torch.int64 and batch["id"].shape == (b,)
-    assert isinstance(batch["text"], list) and len(batch["text"]) == b and all(isinstance(t, str) for t in batch["text"])
+    assert (
+        isinstance(batch["text"], list) and len(batch["text"]) == b and all(isinstance(t, str) for t in batch["text"])
+    )
     for col, task in enumerate(dm.vocabs.tasks):
         assert ((batch["labels"][:, col] >= UNKNOWN_INDEX) & (batch["labels"][:, col] < len(dm.vocabs[task]))).all()
     # labels and text belong to the ids they come with
@@ -149,6 +151,13 @@ def test_a_given_vocab_with_extra_and_unseen_labels_never_crashes(synthetic_dm_k
     assert labels[:, 1].tolist() == expected_gender.tolist()
     assert dm.class_weights["articleType"][1] == 0  # "Kurtas" never occurs: weight 0
     assert LabelVocabs.load(tmp_path / "vocab.json").to_dict() == vocabs  # the given vocab is what the run saves
+
+
+def test_a_given_label_vocabs_object_is_kept_as_is():
+    # LabelVocabs is itself a Mapping: it used to go through from_dict and fail on TaskVocab
+    vocabs = LabelVocabs.from_dict({"articleType": ["Tshirts", OTHER], "gender": ["Men", "Women"]})
+    assert FashionDataModule(vocabs=vocabs).vocabs is vocabs
+    assert FashionDataModule(vocabs=vocabs.to_dict()).vocabs == vocabs
 
 
 def test_class_weights_cover_each_vocab(dm: FashionDataModule):

@@ -11,7 +11,7 @@ from fashion_lightning.models.finetune import ema_avg_fn, ema_callbacks
 from fashion_lightning.models.losses import MultiTaskLoss
 from fashion_lightning.models.mixup import MultiTaskMixup
 from fashion_lightning.models.multitask import MultiTaskNet
-from fashion_lightning.models.optim import layer_scales, param_groups, split_optimizer_config
+from fashion_lightning.models.optim import build_scheduler, layer_scales, param_groups, split_optimizer_config
 from fashion_lightning.train import train
 from hydra_helpers import QUIET, make_cfg
 
@@ -159,3 +159,16 @@ def test_compile_happens_in_configure_model_and_checkpoints_stay_plain(tmp_path:
     assert not any("_orig_mod" in k for k in state["state_dict"])  # in-place Module.compile keeps the keys
     module = load_module(str(ckpt))
     assert module.hparams.compile is False and getattr(module.net.backbone, "_compiled_call_impl", None) is None
+
+
+def test_an_unbounded_run_asks_for_its_length_instead_of_overflowing():
+    # Trainer.estimated_stepping_batches is inf with max_epochs=-1 and max_steps=-1: the warmup-cosine
+    # schedule used to die in round(inf) with an OverflowError
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    with pytest.raises(ValueError, match="set trainer.max_epochs or trainer.max_steps"):
+        build_scheduler(None, optimizer, float("inf"), {})
+    assert build_scheduler(None, optimizer, 10, {})["interval"] == "step"
+    step_lr = {"_target_": "torch.optim.lr_scheduler.StepLR", "step_size": 5}  # takes no total_steps: inf is fine
+    assert isinstance(
+        build_scheduler(step_lr, optimizer, float("inf"), {})["scheduler"], torch.optim.lr_scheduler.StepLR
+    )

@@ -9,9 +9,16 @@ import sys
 import pytest
 
 TINY = [
-    "model.net.backbone=test_resnet", "model.net.input_size=[40,32]", "data.num_items=200", "data.num_workers=0",
-    "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=2",
-    "+trainer.limit_test_batches=2", "callbacks.rich_progress_bar=null", "+trainer.enable_progress_bar=false",
+    "model.net.backbone=test_resnet",
+    "model.net.input_size=[40,32]",
+    "data.num_items=200",
+    "data.num_workers=0",
+    "trainer.max_epochs=1",
+    "+trainer.limit_train_batches=2",
+    "+trainer.limit_val_batches=2",
+    "+trainer.limit_test_batches=2",
+    "callbacks.rich_progress_bar=null",
+    "+trainer.enable_progress_bar=false",
 ]
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import itertools
+import json
 import re
 import zlib
 from pathlib import Path
@@ -19,10 +19,10 @@ from PIL import Image
 from rich.console import Console
 
 from fashion_lightning.data import schema
-from fashion_lightning.retrieval import FILTER_FIELDS, QueryError, Recommender, RecommendationResult, build_index
+from fashion_lightning.retrieval import FILTER_FIELDS, QueryError, RecommendationResult, Recommender, build_index
+from fashion_lightning.retrieval.gallery import PANEL_INCHES, render_gallery, results_table
 from fashion_lightning.retrieval.manifest import checkpoint_record
 from fashion_lightning.retrieval.recommender import ModelLoadError
-from fashion_lightning.retrieval.gallery import PANEL_INCHES, render_gallery, results_table
 
 COLOURS = {"Navy Blue": (20, 30, 110), "Red": (200, 30, 30), "Black": (15, 15, 15), "White": (235, 235, 235)}
 TYPES = {  # articleType -> (masterCategory, subCategory, stripe period in pixels)
@@ -64,9 +64,19 @@ def catalog() -> tuple[pd.DataFrame, np.ndarray]:
     ):
         master, sub, _ = TYPES[article]
         images.append(product_image(colour, article, gender, rng))
-        rows.append({"id": 1000 + len(rows), "gender": gender, "masterCategory": master, "subCategory": sub,
-                     "articleType": article, "baseColour": colour, "season": "Summer", "usage": "Casual",
-                     "productDisplayName": f"{gender} {colour} {article} {copy}, style #{len(rows)}"})
+        rows.append(
+            {
+                "id": 1000 + len(rows),
+                "gender": gender,
+                "masterCategory": master,
+                "subCategory": sub,
+                "articleType": article,
+                "baseColour": colour,
+                "season": "Summer",
+                "usage": "Casual",
+                "productDisplayName": f"{gender} {colour} {article} {copy}, style #{len(rows)}",
+            }
+        )
     frame = pd.DataFrame(rows)
     images = np.stack(images)
     images[[1, 2]] = images[0]  # items 1001, 1002: byte-identical copies of 1000's photo
@@ -131,8 +141,13 @@ def fused(catalog, tmp_path_factory) -> tuple[Recommender, float]:
     v = encoder.embed_texts(frame["productDisplayName"].tolist()).numpy()
     e = alpha * u + (1 - alpha) * v
     out = tmp_path_factory.mktemp("fused")
-    build_index(e, frame, out, {"embedding_name": encoder.embedding_name, "fusion_alpha": alpha},
-                extra_vectors={"image_embedding": u, "text_embedding": v})
+    build_index(
+        e,
+        frame,
+        out,
+        {"embedding_name": encoder.embedding_name, "fusion_alpha": alpha},
+        extra_vectors={"image_embedding": u, "text_embedding": v},
+    )
     return Recommender.from_dir(out, encoder=encoder), alpha
 
 
@@ -253,8 +268,11 @@ def _brute_force(rec: Recommender, query_vec: np.ndarray, mask: np.ndarray, k: i
 
 @pytest.mark.parametrize(
     "filters",
-    [{"gender": "Women"}, {"masterCategory": "Apparel", "baseColour": ["Red", "Black"]},
-     {"subCategory": "Topwear", "gender": "Men", "articleType": "Tshirts", "baseColour": "White"}],
+    [
+        {"gender": "Women"},
+        {"masterCategory": "Apparel", "baseColour": ["Red", "Black"]},
+        {"subCategory": "Topwear", "gender": "Men", "articleType": "Tshirts", "baseColour": "White"},
+    ],
 )
 def test_filters_give_the_filtered_top_k(recommender, catalog, filters):
     frame, _ = catalog
@@ -349,11 +367,14 @@ def test_k_must_be_a_positive_whole_number(recommender, k):
         recommender.by_item(1000, k=k)
 
 
-@pytest.mark.parametrize("filters, message", [
-    ({"gender": 2015}, r"filters.gender=2015: filter values are names.*e.g. filters.gender='(Men|Women)'"),
-    ({"baseColour": ["Red", 3]}, "filter values are names"),
-    ({"year": 2015}, "unknown filter 'year'"),
-])
+@pytest.mark.parametrize(
+    "filters, message",
+    [
+        ({"gender": 2015}, r"filters.gender=2015: filter values are names.*e.g. filters.gender='(Men|Women)'"),
+        ({"baseColour": ["Red", 3]}, "filter values are names"),
+        ({"year": 2015}, "unknown filter 'year'"),
+    ],
+)
 def test_non_string_filters_are_refused(recommender, filters, message):
     with pytest.raises(QueryError, match=message):
         recommender.by_item(1000, filters=filters)

@@ -8,11 +8,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from hydra_helpers import QUIET, make_cfg
 from omegaconf import open_dict
 
 from fashion_lightning.train import train
 from fashion_lightning.utils.run_dir import RunDirError, claim_run_dir, run_dir_of
+from hydra_helpers import QUIET, make_cfg
 
 TINY = [
     "model.net.backbone=test_resnet",

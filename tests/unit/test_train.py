@@ -38,7 +38,10 @@ def trained_run(tmp_path_factory):
 @pytest.mark.slow
 def test_fit_learns_well_above_majority_baseline(trained_run):
     _, metrics, _ = trained_run
-    lifts = {t: metrics[f"test/acc/{t}"] - metrics[f"test/baseline/{t}"] for t in ("articleType", "baseColour", "masterCategory")}
+    lifts = {
+        t: metrics[f"test/acc/{t}"] - metrics[f"test/baseline/{t}"]
+        for t in ("articleType", "baseColour", "masterCategory")
+    }
     assert all(lift > 0.2 for lift in lifts.values()), lifts
 
 
@@ -93,8 +96,12 @@ def test_resume_continues_at_same_step_with_same_optimizer_state(trained_run):
             seen["exp_avg"] = [s["exp_avg"].clone() for s in state["state"].values()][:3]
             seen["sched"] = trainer.lr_scheduler_configs[0].scheduler.last_epoch
 
-    cfg2 = make_cfg("train", root / "resumed", root / "cache", TINY + ["data.num_items=360", "trainer.max_epochs=7",
-                                                                         f"ckpt_path={ckpt}", "test=false"])
+    cfg2 = make_cfg(
+        "train",
+        root / "resumed",
+        root / "cache",
+        TINY + ["data.num_items=360", "trainer.max_epochs=7", f"ckpt_path={ckpt}", "test=false"],
+    )
     from omegaconf import open_dict
 
     with open_dict(cfg2):
@@ -122,9 +129,21 @@ def test_eval_on_external_catalog_reports_unseen_labels(trained_run, tmp_path):
     lines = [lines[0]] + [ln.replace(",Tshirts,", ",Kurtas,", 1) for ln in lines[1:]]
     styles.write_text("\n".join(lines) + "\n")
     ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    ecfg = make_cfg("eval", tmp_path / "eval_run", root / "cache",
-                    [f"ckpt_path={ckpt}", "data=kaggle", f"data.root={external}", "data.split=all", "data.num_workers=0",
-                     "logger=csv", "callbacks.rich_progress_bar=null", "+trainer.enable_progress_bar=false"])
+    ecfg = make_cfg(
+        "eval",
+        tmp_path / "eval_run",
+        root / "cache",
+        [
+            f"ckpt_path={ckpt}",
+            "data=kaggle",
+            f"data.root={external}",
+            "data.split=all",
+            "data.num_workers=0",
+            "logger=csv",
+            "callbacks.rich_progress_bar=null",
+            "+trainer.enable_progress_bar=false",
+        ],
+    )
     metrics = evaluate(ecfg)
     assert metrics["unseen_labels"]["articleType"]["Kurtas"] > 10
     assert metrics["eval_items"] > 300
