@@ -57,8 +57,10 @@ def build(cfg: DictConfig) -> Path:
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
     if trainer.is_global_zero:
         m = writer.manifest
-        Console().print(f"[bold]index[/bold] {out_dir}: {m.count} items x {m.dim} dims, {m.index['type']}, "
-                        f"{m.bytes_per_item:.0f} bytes/item ({module.embedding_name})")
+        Console().print(
+            f"[bold]index[/bold] {out_dir}: {m.count} items x {m.dim} dims, {m.index['type']}, "
+            f"{m.bytes_per_item:.0f} bytes/item ({module.embedding_name})"
+        )
         log.info("index written to %s", out_dir)
     return out_dir
 

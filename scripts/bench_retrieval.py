@@ -33,10 +33,11 @@ from rich.console import Console
 from rich.table import Table
 from threadpoolctl import threadpool_limits
 
-DEFAULT_BLAS_THRESHOLD = faiss.cvar.distance_compute_blas_threshold  # before the index module changes it
-
 from fashion_lightning.retrieval import build_index, configure_threads, load_index
 from fashion_lightning.retrieval.flat import BATCH_MIN_QUERIES, bf16_available
+
+# faiss's own value: importing the package leaves it alone (configure_threads sets ours, once)
+DEFAULT_BLAS_THRESHOLD = faiss.cvar.distance_compute_blas_threshold
 
 TARGET_SINGLE_RATIO = 1.5
 TARGET_BATCH_QPS_512 = 4000
@@ -88,24 +89,33 @@ def bench_dim(n: int, d: int, args: argparse.Namespace, workdir: str) -> dict[st
     singles = unit_vectors(args.single, d, seed=1)
     lat: dict[str, list[float]] = {"bound": [], "ours": [], "faiss": [], "numpy": []}
     for q in singles:  # interleaved, so background load on shared cores hits all four alike
-        for name, fn in (("bound", lambda: stored @ ones),
-                         ("ours", lambda: index.search(q[None], args.k)),
-                         ("faiss", lambda: plain.search(q[None], args.k)),
-                         ("numpy", lambda: numpy_single(vectors, q, args.k))):
+        for name, fn in (
+            ("bound", lambda: stored @ ones),
+            ("ours", lambda q=q: index.search(q[None], args.k)),  # q=q: bind this query (B023)
+            ("faiss", lambda q=q: plain.search(q[None], args.k)),
+            ("numpy", lambda q=q: numpy_single(vectors, q, args.k)),
+        ):
             start = time.perf_counter()
             fn()
             lat[name].append(time.perf_counter() - start)
     bound = float(np.median(lat.pop("bound")))
-    row: dict[str, float] = {"bound_ms": bound * 1e3, "GB/s": vectors.nbytes / bound / 1e9,
-                             "build_faiss_s": build_faiss, "build_folder_s": build_folder, "load_s": load_s}
+    row: dict[str, float] = {
+        "bound_ms": bound * 1e3,
+        "GB/s": vectors.nbytes / bound / 1e9,
+        "build_faiss_s": build_faiss,
+        "build_folder_s": build_folder,
+        "load_s": load_s,
+    }
     for name, values in lat.items():
         row[f"{name}_p50_ms"] = float(np.percentile(values, 50)) * 1e3
         row[f"{name}_p95_ms"] = float(np.percentile(values, 95)) * 1e3
 
     queries = unit_vectors(args.batch, d, seed=2)
-    batch_fns = {"ours": lambda: index.search(queries, args.k),
-                 "faiss": lambda: plain.search(queries, args.k),
-                 "numpy": lambda: numpy_batch(vectors, queries, args.k)}
+    batch_fns = {
+        "ours": lambda: index.search(queries, args.k),
+        "faiss": lambda: plain.search(queries, args.k),
+        "numpy": lambda: numpy_batch(vectors, queries, args.k),
+    }
     times: dict[str, list[float]] = {name: [] for name in batch_fns}
     for fn in batch_fns.values():  # warm-up (bf16 copy, BLAS buffers)
         fn()
@@ -136,7 +146,7 @@ def blas_sweep(n: int, d: int, args: argparse.Namespace) -> Table:
         for _ in range(args.repeats):
             for threshold in best:
                 faiss.cvar.distance_compute_blas_threshold = threshold
-                best[threshold] = min(best[threshold], once(lambda: index.search(q, args.k)) * 1e3)
+                best[threshold] = min(best[threshold], once(lambda q=q: index.search(q, args.k)) * 1e3)
         faiss.cvar.distance_compute_blas_threshold = ours
         shipped, mine = best[DEFAULT_BLAS_THRESHOLD], best[ours]
         table.add_row(str(nq), f"{shipped:.2f}", f"{mine:.2f}", f"{shipped / mine:.2f}x")
@@ -161,13 +171,24 @@ def main() -> None:
     torch.set_num_threads(threads)
     console = Console(width=None if Console().is_terminal else 200)  # no wrapping when piped to a file
     load = os.getloadavg()[0]
-    console.print(f"N={args.n:,} k={args.k} threads={threads} faiss {faiss.__version__} "
-                  f"bf16 GEMM: {bf16_available()} (batches >= {BATCH_MIN_QUERIES} queries) load avg {load:.2f}")
+    console.print(
+        f"N={args.n:,} k={args.k} threads={threads} faiss {faiss.__version__} "
+        f"bf16 GEMM: {bf16_available()} (batches >= {BATCH_MIN_QUERIES} queries) load avg {load:.2f}"
+    )
 
     table = Table(title="retrieval benchmark (ratios: vs the bandwidth bound / vs numpy)")
-    for col in ("D", "bound ms (GB/s)", "build s faiss / folder / load", "single p50 ms ours / faiss / numpy",
-                "p95 ms ours / faiss / numpy", "p50 / bound", "batch q/s ours / faiss / numpy (best)",
-                "ours median q/s", "ours / numpy", "top-k = numpy"):
+    for col in (
+        "D",
+        "bound ms (GB/s)",
+        "build s faiss / folder / load",
+        "single p50 ms ours / faiss / numpy",
+        "p95 ms ours / faiss / numpy",
+        "p50 / bound",
+        "batch q/s ours / faiss / numpy (best)",
+        "ours median q/s",
+        "ours / numpy",
+        "top-k = numpy",
+    ):
         table.add_column(col, justify="right")
     verdicts = []
     with tempfile.TemporaryDirectory() as workdir:
@@ -175,19 +196,27 @@ def main() -> None:
             r = bench_dim(args.n, d, args, workdir)
             ratio = r["ours_p50_ms"] / r["bound_ms"]
             table.add_row(
-                str(d), f"{r['bound_ms']:.2f} ({r['GB/s']:.1f})",
+                str(d),
+                f"{r['bound_ms']:.2f} ({r['GB/s']:.1f})",
                 f"{r['build_faiss_s']:.2f} / {r['build_folder_s']:.2f} / {r['load_s']:.2f}",
                 f"{r['ours_p50_ms']:.2f} / {r['faiss_p50_ms']:.2f} / {r['numpy_p50_ms']:.2f}",
                 f"{r['ours_p95_ms']:.2f} / {r['faiss_p95_ms']:.2f} / {r['numpy_p95_ms']:.2f}",
-                f"{ratio:.2f}x", f"{r['ours_qps']:,.0f} / {r['faiss_qps']:,.0f} / {r['numpy_qps']:,.0f}",
-                f"{r['ours_qps_median']:,.0f}", f"{r['ours_qps'] / r['numpy_qps']:.2f}x", f"{r['agree']:.4f}",
+                f"{ratio:.2f}x",
+                f"{r['ours_qps']:,.0f} / {r['faiss_qps']:,.0f} / {r['numpy_qps']:,.0f}",
+                f"{r['ours_qps_median']:,.0f}",
+                f"{r['ours_qps'] / r['numpy_qps']:.2f}x",
+                f"{r['agree']:.4f}",
             )
-            verdicts.append(f"D={d}: single p50 {ratio:.2f}x bound (target <= {TARGET_SINGLE_RATIO}x): "
-                            f"{'PASS' if ratio <= TARGET_SINGLE_RATIO else 'FAIL'}")
+            verdicts.append(
+                f"D={d}: single p50 {ratio:.2f}x bound (target <= {TARGET_SINGLE_RATIO}x): "
+                f"{'PASS' if ratio <= TARGET_SINGLE_RATIO else 'FAIL'}"
+            )
             if d == 512:
                 ok = r["ours_qps"] >= TARGET_BATCH_QPS_512
-                verdicts.append(f"D=512: batched {r['ours_qps']:,.0f} q/s best, {r['ours_qps_median']:,.0f} median "
-                                f"(target >= {TARGET_BATCH_QPS_512:,}): {'PASS' if ok else 'FAIL'}")
+                verdicts.append(
+                    f"D=512: batched {r['ours_qps']:,.0f} q/s best, {r['ours_qps_median']:,.0f} median "
+                    f"(target >= {TARGET_BATCH_QPS_512:,}): {'PASS' if ok else 'FAIL'}"
+                )
     console.print(table)
     sweep_dim = 512 if 512 in args.dims else args.dims[0]
     console.print(blas_sweep(args.n, sweep_dim, args))

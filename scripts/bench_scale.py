@@ -122,7 +122,9 @@ def worker(args: argparse.Namespace) -> None:
     variants = [(args.worker, index.params)]
     if index.params.rerank:  # one build, several short-list lengths (0 = PQ codes alone)
         lengths = [0, *sorted({index.params.rerank, *(args.rerank or [])})]
-        variants = [(f"{args.worker}+rerank{r}" if r else args.worker, replace(index.params, rerank=r)) for r in lengths]
+        variants = [
+            (f"{args.worker}+rerank{r}" if r else args.worker, replace(index.params, rerank=r)) for r in lengths
+        ]
     if args.nprobe and index.params.type in ("ivf", "ivfpq"):  # query-time knob: same build
         variants = [(f"{name} nprobe{p}", replace(v, nprobe=p)) for p in args.nprobe for name, v in variants]
     index.search(queries, K)  # warm-up: page in the mapped lists a query stream would keep hot
@@ -169,7 +171,9 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--single", type=int, default=300, help="queries timed one at a time")
     parser.add_argument("--types", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--overrides", default="", help='JSON IndexParams overrides for every type, e.g. {"nlist": 1024}')
+    parser.add_argument(
+        "--overrides", default="", help='JSON IndexParams overrides for every type, e.g. {"nlist": 1024}'
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rerank", type=int, nargs="*", help="extra IVF-PQ short-list lengths to measure")
     parser.add_argument("--nprobe", type=int, nargs="*", help="IVF lists probed per query, measured on one build")

@@ -13,6 +13,7 @@ import numpy as np
 BATCH_MIN_QUERIES = 2
 _QUERY_BLOCK = 256
 
+
 @functools.cache
 def bf16_available() -> bool:
     """Whether this CPU runs bf16 GEMMs natively (emulated bf16 would be slower than fp32).
@@ -127,5 +128,3 @@ class FlatSearcher:
                     top_s[redo], top_r[redo] = self.fp32(q[redo], k)
                 out_s[start : start + len(q)], out_r[start : start + len(q)] = top_s, top_r
         return out_s, out_r
-
-

@@ -92,7 +92,9 @@ class IndexPredictionWriter(BasePredictionWriter):
     def on_predict_start(self, trainer, pl_module) -> None:
         self._sharded = self._sharded or trainer.world_size > 1
 
-    def write_on_batch_end(self, trainer, pl_module, prediction: dict, batch_indices, batch, batch_idx, dataloader_idx=0):
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction: dict, batch_indices, batch, batch_idx, dataloader_idx=0
+    ):
         arrays = {k: torch.as_tensor(v).cpu().numpy() for k, v in prediction.items() if k in (*VECTOR_KEYS, "id")}
         if not self._sharded:
             self._add(arrays)
@@ -150,7 +152,9 @@ class IndexPredictionWriter(BasePredictionWriter):
         _, first = np.unique(position, return_index=True)  # samplers pad with repeats; reruns may overlap
         if len(first) != len(self.catalog):
             missing = np.setdiff1d(np.arange(len(self.catalog)), position)
-            raise ValueError(f"shards cover {len(first)} of {len(self.catalog)} items (missing rows {missing[:5].tolist()})")
+            raise ValueError(
+                f"shards cover {len(first)} of {len(self.catalog)} items (missing rows {missing[:5].tolist()})"
+            )
         order = first[np.argsort(position[first], kind="stable")]
         keys = list(maps[0])
         for start in range(0, len(order), MERGE_CHUNK):

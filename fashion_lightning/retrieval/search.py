@@ -300,5 +300,3 @@ def _take_unique(
         order = order[np.sort(first)]
     order = order[:k]
     return scores[order].astype(np.float32), rows[order].astype(np.int64)
-
-

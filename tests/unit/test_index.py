@@ -29,13 +29,15 @@ def unit_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
 
 def metadata(n: int) -> pd.DataFrame:
     names = ['Men, "Navy" Shirt', "Café\nline", "", "plain"]
-    return pd.DataFrame({
-        "id": np.arange(n, dtype=np.int64) * 7 + 3,
-        "productDisplayName": [names[i % 4] for i in range(n)],
-        "year": np.arange(n) % 5 + 2010,
-        "price": np.linspace(0, 1, n),
-        "articleType": ["Shirts" if i % 3 else "Jeans" for i in range(n)],
-    })
+    return pd.DataFrame(
+        {
+            "id": np.arange(n, dtype=np.int64) * 7 + 3,
+            "productDisplayName": [names[i % 4] for i in range(n)],
+            "year": np.arange(n) % 5 + 2010,
+            "price": np.linspace(0, 1, n),
+            "articleType": ["Shirts" if i % 3 else "Jeans" for i in range(n)],
+        }
+    )
 
 
 def brute_topk(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -150,9 +152,7 @@ def _drop_last_item_row(path: Path) -> None:
 
 
 CORRUPTIONS = {
-    "flipped byte in vectors": (
-        lambda p: _flip_byte(p / "vectors.faiss", 5000), r"vectors\.faiss: sha256 .* corrupt"
-    ),
+    "flipped byte in vectors": (lambda p: _flip_byte(p / "vectors.faiss", 5000), r"vectors\.faiss: sha256 .* corrupt"),
     "truncated items": (
         lambda p: (p / "items.csv").write_bytes((p / "items.csv").read_bytes()[:-40]),
         r"items\.csv: \d+ bytes, but manifest\.json recorded \d+ \(truncated",
@@ -161,10 +161,12 @@ CORRUPTIONS = {
     "missing parts": (lambda p: (p / "parts.npz").unlink(), r"parts\.npz: listed in manifest\.json but missing"),
     "manifest not json": (lambda p: (p / MANIFEST_FILE).write_text("{oops"), r"manifest\.json: not valid JSON"),
     "manifest dim": (
-        lambda p: _rewrite_manifest(p, dim=32), r"vectors\.faiss: holds 24-d vectors but manifest\.json says dim=32"
+        lambda p: _rewrite_manifest(p, dim=32),
+        r"vectors\.faiss: holds 24-d vectors but manifest\.json says dim=32",
     ),
     "manifest count": (
-        lambda p: _rewrite_manifest(p, count=301), r"holds 300 vectors but manifest\.json says count=301"
+        lambda p: _rewrite_manifest(p, count=301),
+        r"holds 300 vectors but manifest\.json says count=301",
     ),
     "format version": (lambda p: _rewrite_manifest(p, format_version=99), r"format_version 99 is not supported"),
     "row count": (
@@ -172,9 +174,11 @@ CORRUPTIONS = {
         r"items\.csv: 299 item rows but the index holds 300 vectors",
     ),
     "vectors replaced consistently": (
-        lambda p: (build_index(unit_vectors(10, 24), metadata(10), p / "other", MODEL_INFO),
-                   (p / "vectors.faiss").write_bytes((p / "other" / "vectors.faiss").read_bytes()),
-                   _rechecksum(p, "vectors.faiss")),
+        lambda p: (
+            build_index(unit_vectors(10, 24), metadata(10), p / "other", MODEL_INFO),
+            (p / "vectors.faiss").write_bytes((p / "other" / "vectors.faiss").read_bytes()),
+            _rechecksum(p, "vectors.faiss"),
+        ),
         r"holds 10 vectors but manifest\.json says count=300",
     ),
 }

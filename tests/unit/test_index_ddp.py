@@ -28,7 +28,7 @@ from fashion_lightning.retrieval.predict_writer import (
 pytestmark = pytest.mark.slow
 N, D = 203, 8  # odd: the distributed sampler pads rank 1 with a repeat
 
-WORKER = textwrap.dedent('''
+WORKER = textwrap.dedent("""
     import json, os, sys
     from pathlib import Path
     import lightning as L
@@ -65,7 +65,7 @@ WORKER = textwrap.dedent('''
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, callbacks=[writer])
     trainer.predict(Embed(), DataLoader(Subset(Items(), todo.tolist()), batch_size=10), return_predictions=False)
-''')
+""")
 
 
 def _free_port() -> int:
@@ -93,8 +93,14 @@ def _data(tmp_path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def _single_process(tmp_path: Path, vectors, ids, kind: str):
     meta = pd.DataFrame({"id": ids, "name": [f"item {i}" for i in ids]})
-    return build_index(vectors, meta, tmp_path / f"single-{kind}", {"embedding_name": "ddp-test"},
-                       extra_vectors={"image_embedding": vectors[:, :4]}, params=IndexParams(kind, nlist=4))  # fmt: skip
+    return build_index(
+        vectors,
+        meta,
+        tmp_path / f"single-{kind}",
+        {"embedding_name": "ddp-test"},
+        extra_vectors={"image_embedding": vectors[:, :4]},
+        params=IndexParams(kind, nlist=4),
+    )
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf"])

@@ -31,8 +31,12 @@ def index_dir(tmp_path_factory) -> Path:
     ])  # fmt: skip
     train(cfg)
     ckpt = root / "train" / "checkpoints" / "last.ckpt"
-    icfg = make_cfg("index", root / "index_run", root / "cache",
-                    [f"ckpt_path={ckpt}", f"data.num_items={ITEMS}", "data.num_workers=0", "+trainer.enable_progress_bar=false"])
+    icfg = make_cfg(
+        "index",
+        root / "index_run",
+        root / "cache",
+        [f"ckpt_path={ckpt}", f"data.num_items={ITEMS}", "data.num_workers=0", "+trainer.enable_progress_bar=false"],
+    )
     return build(icfg)
 
 
@@ -57,7 +61,9 @@ def test_index_covers_the_whole_catalog_with_a_manifest(index_dir):
 
 def test_item_query_writes_json_and_gallery(index_dir, tmp_path):
     item = int(_items(index_dir)["id"].iloc[0])
-    result = _recommend(index_dir, tmp_path, tmp_path / "c", [f"query.item_id={item}", "filters.masterCategory=Apparel"])
+    result = _recommend(
+        index_dir, tmp_path, tmp_path / "c", [f"query.item_id={item}", "filters.masterCategory=Apparel"]
+    )
     assert len(result.results) == 5 and item not in result.ids
     assert all(r.metadata["masterCategory"] == "Apparel" for r in result.results)
     saved = json.loads((tmp_path / "recommendations.json").read_text())
@@ -72,7 +78,12 @@ def test_photo_and_history_queries(index_dir, tmp_path):
     result = _recommend(index_dir, tmp_path / "photo", tmp_path / "c", [f"query.image={photo}"])
     assert len(result.results) == 5 and result.results[0].explanation is not None
     ids = _items(index_dir)["id"].tolist()
-    result = _recommend(index_dir, tmp_path / "hist", tmp_path / "c", [f"query.history=[{ids[0]},{ids[1]}]", f"query.disliked=[{ids[2]}]"])
+    result = _recommend(
+        index_dir,
+        tmp_path / "hist",
+        tmp_path / "c",
+        [f"query.history=[{ids[0]},{ids[1]}]", f"query.disliked=[{ids[2]}]"],
+    )
     assert not {ids[0], ids[1], ids[2]} & set(result.ids)
 
 
@@ -91,6 +102,18 @@ def test_bad_queries_and_damaged_index_are_refused(index_dir, tmp_path):
     with pytest.raises(IndexIntegrityError, match="vectors.faiss"):
         _recommend(damaged, tmp_path / "d", tmp_path / "c", ["query.item_id=1"])
     env = {**os.environ, "FASHION_LIGHTNING_CACHE": str(tmp_path / "c")}
-    cli = subprocess.run([sys.executable, "-m", "fashion_lightning.recommend", f"index_dir={damaged}", "query.item_id=1",
-                          f"hydra.run.dir={tmp_path / 'cli'}"], capture_output=True, text=True, env=env, timeout=300)
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fashion_lightning.recommend",
+            f"index_dir={damaged}",
+            "query.item_id=1",
+            f"hydra.run.dir={tmp_path / 'cli'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert cli.returncode == 2 and "vectors.faiss" in cli.stderr

@@ -32,8 +32,10 @@ def clustered(n: int, d: int, seed: int = 0, clusters: int = 20) -> np.ndarray:
 
 
 def meta(n: int) -> pd.DataFrame:
-    return pd.DataFrame({"id": np.arange(n, dtype=np.int64) + 100, "articleType": np.where(np.arange(n) % 3, "Shirts", "Jeans"),
-                         "year": np.arange(n) % 4 + 2010})  # fmt: skip
+    article_type = np.where(np.arange(n) % 3, "Shirts", "Jeans")
+    return pd.DataFrame(
+        {"id": np.arange(n, dtype=np.int64) + 100, "articleType": article_type, "year": np.arange(n) % 4 + 2010}
+    )
 
 
 def stream(out, vectors, params, chunk=97):
@@ -71,7 +73,9 @@ def test_sample_trained_streaming_build_equals_in_memory_build(tmp_path, params)
     once = build_index(vectors, meta(2000), tmp_path / "m", MODEL_INFO, params=params)
     assert streamed.files == once.files  # byte-identical: same sample, same k-means, same lists
     assert streamed.index["train_size"] == 600
-    other = build_index(vectors, meta(2000), tmp_path / "o", MODEL_INFO, params=IndexParams(**{**params.__dict__, "seed": 1}))
+    other = build_index(
+        vectors, meta(2000), tmp_path / "o", MODEL_INFO, params=IndexParams(**{**params.__dict__, "seed": 1})
+    )
     assert other.files["vectors.faiss"] != once.files["vectors.faiss"]  # the seed matters
     assert not (tmp_path / "s" / "vectors.f32").exists() and not list((tmp_path / "s").glob(".*"))  # spill removed
     index = load_index(tmp_path / "s")
@@ -82,15 +86,29 @@ def test_sample_trained_streaming_build_equals_in_memory_build(tmp_path, params)
 def test_memory_budget_refuses_flat_and_hnsw_with_a_hint(tmp_path):
     vectors = clustered(3000, 64)  # 0.73 MiB of float32
     for kind in ("flat", "hnsw"):
-        with pytest.raises(IndexMemoryError, match=rf"index\.type={kind} needs .* over index\.max_memory_gb=0\.0005; use index\.type=ivfpq"):
-            build_index(vectors, meta(3000), tmp_path / kind, MODEL_INFO, params=IndexParams(kind, max_memory_gb=0.0005))
+        with pytest.raises(
+            IndexMemoryError,
+            match=rf"index\.type={kind} needs .* over index\.max_memory_gb=0\.0005; use index\.type=ivfpq",
+        ):
+            build_index(
+                vectors, meta(3000), tmp_path / kind, MODEL_INFO, params=IndexParams(kind, max_memory_gb=0.0005)
+            )
         assert not (tmp_path / kind / MANIFEST_FILE).exists() and not list((tmp_path / kind).glob(".tmp-*"))
     # streaming: refused as soon as the running count crosses the budget
-    with pytest.raises(IndexMemoryError), IndexWriter(tmp_path / "s", MODEL_INFO, IndexParams(max_memory_gb=0.0005)) as w:
+    with (
+        pytest.raises(IndexMemoryError),
+        IndexWriter(tmp_path / "s", MODEL_INFO, IndexParams(max_memory_gb=0.0005)) as w,
+    ):
         for start in range(0, 3000, 500):
             w.add(vectors[start : start + 500], meta(3000).iloc[start : start + 500])
     # the bounded-memory types are never refused; nor is a flat index under the budget
-    build_index(vectors, meta(3000), tmp_path / "pq", MODEL_INFO, params=IndexParams("ivfpq", nlist=8, pq_m=8, pq_nbits=4, max_memory_gb=0.0005))
+    build_index(
+        vectors,
+        meta(3000),
+        tmp_path / "pq",
+        MODEL_INFO,
+        params=IndexParams("ivfpq", nlist=8, pq_m=8, pq_nbits=4, max_memory_gb=0.0005),
+    )
     build_index(vectors, meta(3000), tmp_path / "ok", MODEL_INFO, params=IndexParams(max_memory_gb=0.01))
 
 
@@ -101,7 +119,7 @@ def test_mmap_loading_gives_the_same_answers(tmp_path, kind):
     build_index(vectors, meta(3000), tmp_path, MODEL_INFO, params=params)
     mapped, loaded = load_index(tmp_path, mmap=True), load_index(tmp_path, mmap=False)
     queries = clustered(50, 32, seed=1)
-    for engine in (["auto", "faiss", "numpy"] if kind == "flat" else ["auto"]):
+    for engine in ["auto", "faiss", "numpy"] if kind == "flat" else ["auto"]:
         np.testing.assert_array_equal(mapped.search(queries, 10, engine)[1], loaded.search(queries, 10, engine)[1])
     allowed = np.arange(3000) % 5 == 0
     np.testing.assert_array_equal(mapped.search_filtered(queries[0], 10, allowed, exact_below=0)[1],
