@@ -7,6 +7,7 @@ skips the items already in complete shards (see ``retrieval.predict_writer``).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 import hydra
 import lightning as L
@@ -40,7 +41,7 @@ def build(cfg: DictConfig) -> Path:
         "tasks": module.vocabs.tasks,
         "catalog": str(datamodule.catalog.source.root),
     }
-    index_cfg = OmegaConf.to_container(cfg.index, resolve=True)
+    index_cfg = cast(dict[str, Any], OmegaConf.to_container(cfg.index, resolve=True))  # a DictConfig node
     shard_rows = index_cfg.pop("shard_rows", 65536)
     frame = datamodule.predict_frame
     writer = IndexPredictionWriter(out_dir, frame, model_info, IndexParams(**index_cfg), shard_rows=shard_rows)
@@ -57,6 +58,7 @@ def build(cfg: DictConfig) -> Path:
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
     if trainer.is_global_zero:
         m = writer.manifest
+        assert m is not None  # rank 0's on_predict_end / merge() wrote it
         Console().print(
             f"[bold]index[/bold] {out_dir}: {m.count} items x {m.dim} dims, {m.index['type']}, "
             f"{m.bytes_per_item:.0f} bytes/item ({module.embedding_name})"

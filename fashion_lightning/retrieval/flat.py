@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import faiss
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 # Flat indexes: one query is a memory-bound matrix-vector pass (numpy's BLAS beats faiss's scan); from two
 # queries on, the certified bf16 GEMM (see FlatSearcher) or faiss's BLAS path.
@@ -34,7 +38,7 @@ def bf16_available() -> bool:
 
 def flat_view(index: faiss.Index) -> np.ndarray:
     """Zero-copy, read-only [N, D] float32 view of an IndexFlat's storage (lives as long as ``index``)."""
-    flat = faiss.downcast_index(index)
+    flat = cast(faiss.IndexFlat, faiss.downcast_index(index))  # faiss's stub types it as the Index base
     view = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
     view.flags.writeable = False
     return view
@@ -68,7 +72,7 @@ class FlatSearcher:
 
     def __init__(self, vectors: np.ndarray) -> None:
         self.vectors = vectors
-        self._bf16 = None
+        self._bf16: torch.Tensor | None = None  # bf16 copy of the vectors, made on the first batch
         self._max_err = 0.0
         self._max_norm = float(np.sqrt(np.einsum("ij,ij->i", vectors, vectors).max())) if len(vectors) else 0.0
 
@@ -89,21 +93,22 @@ class FlatSearcher:
         top_s, top_r = _topk_rows(scores[None], k)
         return top_s[0], top_r[0]
 
-    def _prepare_bf16(self) -> None:
+    def _prepare_bf16(self) -> torch.Tensor:
         import torch
 
-        self._bf16 = torch.empty(self.vectors.shape, dtype=torch.bfloat16)
+        table = torch.empty(self.vectors.shape, dtype=torch.bfloat16)
         for start in range(0, len(self.vectors), 8192):  # chunked: no full-size fp32 temporary
             chunk = np.array(self.vectors[start : start + 8192])  # writable copy: torch wants one
-            self._bf16[start : start + len(chunk)] = torch.from_numpy(chunk)
-            err = chunk - self._bf16[start : start + len(chunk)].float().numpy()
+            table[start : start + len(chunk)] = torch.from_numpy(chunk)
+            err = chunk - table[start : start + len(chunk)].float().numpy()
             self._max_err = max(self._max_err, float(np.sqrt(np.einsum("ij,ij->i", err, err).max())))
+        self._bf16 = table
+        return table
 
     def bf16(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
-        if self._bf16 is None:
-            self._prepare_bf16()
+        table = self._bf16 if self._bf16 is not None else self._prepare_bf16()
         n, d = self.vectors.shape
         m = min(n, max(4 * k, k + 48))
         out_s, out_r = np.empty((len(queries), k), np.float32), np.empty((len(queries), k), np.int64)
@@ -111,8 +116,8 @@ class FlatSearcher:
             for start in range(0, len(queries), _QUERY_BLOCK):
                 q = queries[start : start + _QUERY_BLOCK]
                 q16 = torch.from_numpy(q).to(torch.bfloat16)
-                approx, cand = torch.topk(q16 @ self._bf16.T, m, dim=1)
-                cand, approx_m = cand.numpy(), approx[:, -1].float().numpy().astype(np.float64)
+                approx, cand_t = torch.topk(q16 @ table.T, m, dim=1)
+                cand, approx_m = cand_t.numpy(), approx[:, -1].float().numpy().astype(np.float64)
                 exact = np.matmul(self.vectors[cand], q[:, :, None])[..., 0]
                 top_s, pos = _topk_rows(exact, k)
                 top_r = np.take_along_axis(cand, pos, axis=1)

@@ -13,7 +13,7 @@ import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import faiss
 import numpy as np
@@ -118,8 +118,8 @@ def load_index(
         ivf.nprobe = min(params.nprobe, ivf.nlist)
         if exact is None:
             ivf.make_direct_map()  # reconstruct(row) for item queries and exact masked search
-    elif kind == "hnsw":
-        index.hnsw.efSearch = params.ef_search
+    elif kind == "hnsw":  # read_index returns the concrete class (SWIG downcast); faiss's stub says Index
+        cast(faiss.IndexHNSW, index).hnsw.efSearch = params.ef_search
     configure_threads()
     return LoadedIndex(root, manifest, index, items, parts, exact)
 
@@ -194,25 +194,26 @@ class LoadedIndex:
         k = max(1, min(int(k), self.n))
         if engine not in ("auto", "faiss", "numpy", "bf16"):
             raise ValueError(f"unknown search engine {engine!r}")
-        if self._flat is None and engine in ("numpy", "bf16"):
+        flat = self._flat
+        if flat is None and engine in ("numpy", "bf16"):
             raise ValueError(f"engine {engine!r} needs a flat index")
-        if engine == "numpy" or (self._flat is not None and engine == "auto" and len(queries) < BATCH_MIN_QUERIES):
-            return self._flat.fp32(queries, k)
-        if engine == "bf16" or (self._flat is not None and engine == "auto" and bf16_available()):
-            return self._flat.bf16(queries, k)
+        if flat is not None and (engine == "numpy" or (engine == "auto" and len(queries) < BATCH_MIN_QUERIES)):
+            return flat.fp32(queries, k)
+        if flat is not None and (engine == "bf16" or (engine == "auto" and bf16_available())):
+            return flat.bf16(queries, k)
         return self._faiss_search(queries, k)
 
     def _faiss_search(
         self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """FAISS search (with the mask as an IDSelector), re-ranked exactly from ``exact_vectors``."""
-        rerank = self.exact_vectors is not None and self.params.rerank > 0
-        fetch = min(self.n, max(k, self.params.rerank)) if rerank else k
+        exact = self.exact_vectors if self.params.rerank > 0 else None  # None: no re-ranking
+        fetch = min(self.n, max(k, self.params.rerank)) if exact is not None else k
         params, keep_alive = self._search_params(allowed, fetch)
         scores, rows = self.faiss_index.search(queries, fetch, params=params)
         del keep_alive
-        if rerank:
-            scores, rows = _rerank(self.exact_vectors, queries, rows, k)
+        if exact is not None:
+            scores, rows = _rerank(exact, queries, rows, k)
         return scores, rows
 
     def _search_params(self, allowed: np.ndarray | None, fetch: int) -> tuple[Any, Any]:
@@ -220,6 +221,9 @@ class LoadedIndex:
         if allowed is None:
             return None, None
         n_allowed = int(allowed.sum())
+        data: np.ndarray
+        selector: faiss.IDSelector
+        params: faiss.SearchParameters
         if n_allowed * 64 < self.n:  # sparse: a hash set of ids is smaller than an N-bit bitmap
             data = np.flatnonzero(allowed).astype(np.int64)
             selector = faiss.IDSelectorBatch(len(data), faiss.swig_ptr(data))
@@ -227,11 +231,14 @@ class LoadedIndex:
             data = np.packbits(allowed, bitorder="little")
             selector = faiss.IDSelectorBitmap(self.n, faiss.swig_ptr(data))
         if self.kind in IVF_TYPES:
-            params = faiss.SearchParametersIVF(sel=selector, nprobe=faiss.extract_index_ivf(self.faiss_index).nprobe)
+            # faiss's stub lacks the keyword constructors (and SearchParametersHNSW) its Python wrapper provides
+            nprobe = faiss.extract_index_ivf(self.faiss_index).nprobe
+            params = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)  # type: ignore[call-arg]
         elif self.kind == "hnsw":
-            params = faiss.SearchParametersHNSW(sel=selector, efSearch=max(self.params.ef_search, fetch))
+            ef_search = max(self.params.ef_search, fetch)
+            params = faiss.SearchParametersHNSW(sel=selector, efSearch=ef_search)  # type: ignore[attr-defined]
         else:
-            params = faiss.SearchParameters(sel=selector)
+            params = faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
         return params, (data, selector)
 
     def search_filtered(

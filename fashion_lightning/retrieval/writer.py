@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, cast
 
 import faiss
 import numpy as np
@@ -194,13 +194,15 @@ class IndexWriter:
         if (counts > 1).any():
             raise ValueError(f"duplicate item ids, e.g. {uniq[counts > 1][:5].tolist()}")
         n, dim = len(ids), self._dim
+        assert dim is not None  # set by the first add()
         params = self.params.resolved(n, dim)
         configure_threads()
         out = self.out_dir
         files = [VECTORS_FILE, ITEMS_FILE]
         if self._index is not None:
             index = self._index
-        else:
+        else:  # ivf / ivfpq: the spill file was opened in __init__, the reservoir filled by add()
+            assert self._exact_fh is not None and self._reservoir is not None
             self._exact_fh.close()
             index = _train_ivf(self._reservoir.sample(params.train_size), params)
             self._reservoir = None
@@ -222,7 +224,7 @@ class IndexWriter:
         parts = {k: np.concatenate(v) for k, v in (self._parts or {}).items()}
         if parts:
             with atomic_path(out / PARTS_FILE, suffix=".npz") as tmp:
-                np.savez(tmp, **parts)
+                np.savez(tmp, **parts)  # type: ignore[arg-type]  # numpy's stub: **kwds could be allow_pickle
             files.append(PARTS_FILE)
         else:
             (out / PARTS_FILE).unlink(missing_ok=True)
@@ -240,7 +242,7 @@ class IndexWriter:
         atomic_write_text(out / MANIFEST_FILE, json.dumps(manifest.to_dict(), indent=2) + "\n")
         return manifest
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> IndexWriter:  # (typing.Self is Python >= 3.11; the package supports 3.10)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -278,8 +280,8 @@ def _as_matrix(array: np.ndarray, name: str) -> np.ndarray:
 
 def _new_faiss(dim: int, params: IndexParams) -> faiss.Index:
     index = faiss.index_factory(dim, params.factory_string(), faiss.METRIC_INNER_PRODUCT)
-    if params.type == "hnsw":
-        index.hnsw.efConstruction = params.ef_construction
+    if params.type == "hnsw":  # index_factory returns the concrete class (SWIG downcast); faiss's stub says Index
+        cast(faiss.IndexHNSW, index).hnsw.efConstruction = params.ef_construction
     return index
 
 
@@ -289,7 +291,7 @@ def _train_ivf(sample: np.ndarray, params: IndexParams) -> faiss.Index:
     ivf = faiss.extract_index_ivf(index)
     ivf.cp.seed = params.seed
     if params.type == "ivfpq":
-        faiss.downcast_index(index).pq.cp.seed = params.seed
+        cast(faiss.IndexIVFPQ, faiss.downcast_index(index)).pq.cp.seed = params.seed
     index.train(np.ascontiguousarray(sample))
     return index
 
@@ -306,4 +308,4 @@ def apply_build_params(index: faiss.Index, params: IndexParams) -> None:
     if params.type in IVF_TYPES:
         faiss.extract_index_ivf(index).nprobe = params.nprobe
     elif params.type == "hnsw":
-        index.hnsw.efSearch = params.ef_search
+        cast(faiss.IndexHNSW, index).hnsw.efSearch = params.ef_search
