@@ -20,7 +20,7 @@ from fashion_lightning.data.images import to_native
 from fashion_lightning.data.source import CatalogNotFoundError, CatalogSource
 from fashion_lightning.retrieval import RecommendationResult, Recommender, RetrievalError
 from fashion_lightning.retrieval.gallery import render_gallery, results_table
-from fashion_lightning.retrieval.recommender import check_k
+from fashion_lightning.retrieval.queries import check_k
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
 from fashion_lightning.utils.config_check import ConfigError
 from fashion_lightning.utils.task_wrapper import task_wrapper

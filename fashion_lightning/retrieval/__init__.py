@@ -8,6 +8,7 @@ Typical use::
     render_gallery(result, "gallery.png", image_loader)
 """
 
+from fashion_lightning.data.schema import FILTER_FIELDS
 from fashion_lightning.retrieval.explain import Explanation
 from fashion_lightning.retrieval.manifest import (
     IndexIntegrityError,
@@ -16,17 +17,15 @@ from fashion_lightning.retrieval.manifest import (
     IndexParams,
     RetrievalError,
 )
-from fashion_lightning.retrieval.recommender import (
-    FILTER_FIELDS,
+from fashion_lightning.retrieval.queries import (
     Encoder,
     ModelLoadError,
     PhotoTooLargeError,
     QueryError,
-    Recommendation,
-    RecommendationResult,
-    Recommender,
     UnknownItemError,
 )
+from fashion_lightning.retrieval.recommender import Recommender
+from fashion_lightning.retrieval.results import Recommendation, RecommendationResult
 from fashion_lightning.retrieval.search import (
     LoadedIndex,
     configure_threads,

@@ -16,7 +16,8 @@ from rich.table import Table
 
 from fashion_lightning.data.images import NATIVE_HW
 from fashion_lightning.retrieval.explain import shared_summary
-from fashion_lightning.retrieval.recommender import ImageLike, QueryError, RecommendationResult, decode_query_image
+from fashion_lightning.retrieval.queries import ImageLike, QueryError, decode_query_image
+from fashion_lightning.retrieval.results import RecommendationResult
 
 ImageLoader = Callable[[int], np.ndarray]
 PANEL_INCHES = (1.9, 3.0)  # width, height of one query/result panel

@@ -36,7 +36,7 @@ from fashion_lightning.retrieval import (
     Recommender,
     UnknownItemError,
 )
-from fashion_lightning.retrieval.recommender import _plain
+from fashion_lightning.retrieval.results import plain_value
 
 PAGE_DIR = "page"
 FILTER_CHIP_VALUES = 12  # most common values per filter shown as chips on the page
@@ -237,7 +237,7 @@ def _row(recommender: Recommender, item_id: int) -> int:
 
 
 def _metadata(items: Any, row: int) -> dict[str, Any]:
-    return {key: _plain(value) for key, value in items.iloc[int(row)].items()}
+    return {key: plain_value(value) for key, value in items.iloc[int(row)].items()}
 
 
 def _image_type(data: bytes) -> str:

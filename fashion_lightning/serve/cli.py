@@ -16,7 +16,7 @@ from rich.console import Console
 
 from fashion_lightning.data.source import CatalogNotFoundError, CatalogSource
 from fashion_lightning.retrieval import Encoder, Recommender, RetrievalError
-from fashion_lightning.retrieval.recommender import verified_checkpoint_path
+from fashion_lightning.retrieval.queries import verified_checkpoint_path
 from fashion_lightning.serve.app import ServeSettings, create_app
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
 

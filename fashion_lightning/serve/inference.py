@@ -61,7 +61,7 @@ def _call(method: str, payload: Any) -> Any:
 
 
 class ProcessEncoder:
-    """The :class:`~fashion_lightning.retrieval.recommender.Encoder` protocol, answered by worker processes."""
+    """The :class:`~fashion_lightning.retrieval.queries.Encoder` protocol, answered by worker processes."""
 
     accepts_numpy = True  # the recommender hands over uint8 [B, 3, H, W] arrays, not torch tensors
 

@@ -22,7 +22,7 @@ from fashion_lightning.data import schema
 from fashion_lightning.retrieval import FILTER_FIELDS, QueryError, RecommendationResult, Recommender, build_index
 from fashion_lightning.retrieval.gallery import PANEL_INCHES, render_gallery, results_table
 from fashion_lightning.retrieval.manifest import checkpoint_record
-from fashion_lightning.retrieval.recommender import ModelLoadError
+from fashion_lightning.retrieval.queries import ModelLoadError
 
 COLOURS = {"Navy Blue": (20, 30, 110), "Red": (200, 30, 30), "Black": (15, 15, 15), "White": (235, 235, 235)}
 TYPES = {  # articleType -> (masterCategory, subCategory, stripe period in pixels)
@@ -421,7 +421,7 @@ def test_photo_query_is_one_forward_pass(recommender, catalog):
 
 
 def test_photo_over_the_pixel_limit_is_refused(recommender, catalog, tmp_path, monkeypatch):
-    from fashion_lightning.retrieval.recommender import PhotoTooLargeError
+    from fashion_lightning.retrieval.queries import PhotoTooLargeError
 
     _, images = catalog
     path = _save(Image.fromarray(images[0]).resize((300, 400)), tmp_path / "big.png")
