@@ -19,6 +19,15 @@ QUIET = [
     "+trainer.enable_progress_bar=false",
 ]
 
+# a tiny multi-task model that learns the synthetic catalog in seconds on a CPU
+TINY_MODEL = [
+    "model.net.backbone=test_resnet",
+    "model.net.input_size=[40,32]",
+    "model.optimizer.lr=0.01",
+    "model.optimizer.backbone_lr_ratio=1.0",
+    "data.batch_size=32",
+]
+
 
 def make_cfg(config_name: str, run_dir: Path, cache_dir: Path, overrides: list[str]) -> DictConfig:
     """The job config of ``config_name`` with overrides, writing into ``run_dir``."""

@@ -13,14 +13,10 @@ from fashion_lightning.models.mixup import MultiTaskMixup
 from fashion_lightning.models.multitask import MultiTaskNet
 from fashion_lightning.models.optim import build_scheduler, layer_scales, param_groups, split_optimizer_config
 from fashion_lightning.train import train
-from hydra_helpers import QUIET, make_cfg
+from hydra_helpers import QUIET, TINY_MODEL, make_cfg
 
 TINY = [
-    "model.net.backbone=test_resnet",
-    "model.net.input_size=[40,32]",
-    "model.optimizer.lr=0.01",
-    "model.optimizer.backbone_lr_ratio=1.0",
-    "data.batch_size=32",
+    *TINY_MODEL,
     "data.num_items=360",
     "data.train_transform=null",
     "callbacks.evaluation.plot_every_n_val_epochs=100",

@@ -12,14 +12,10 @@ from omegaconf import open_dict
 
 from fashion_lightning.train import train
 from fashion_lightning.utils.run_dir import RunDirError, claim_run_dir, run_dir_of
-from hydra_helpers import QUIET, make_cfg
+from hydra_helpers import QUIET, TINY_MODEL, make_cfg
 
 TINY = [
-    "model.net.backbone=test_resnet",
-    "model.net.input_size=[40,32]",
-    "model.optimizer.lr=0.01",
-    "model.optimizer.backbone_lr_ratio=1.0",
-    "data.batch_size=32",
+    *TINY_MODEL,
     "data.num_items=200",
     "data.min_count=5",
     "callbacks.evaluation.plot_every_n_val_epochs=100",

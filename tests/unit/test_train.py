@@ -12,14 +12,10 @@ import torch
 from fashion_lightning.eval import evaluate
 from fashion_lightning.models.base import load_module
 from fashion_lightning.train import train
-from hydra_helpers import QUIET, make_cfg
+from hydra_helpers import QUIET, TINY_MODEL, make_cfg
 
 TINY = [
-    "model.net.backbone=test_resnet",
-    "model.net.input_size=[40,32]",
-    "model.optimizer.lr=0.01",
-    "model.optimizer.backbone_lr_ratio=1.0",
-    "data.batch_size=32",
+    *TINY_MODEL,
     "data.train_transform=null",
     "callbacks.evaluation.plot_every_n_val_epochs=100",
     *QUIET,
