@@ -93,7 +93,9 @@ def create_app(
         version="1",
     )
     # a thread semaphore, not an anyio limiter: it holds whatever event loop (or test client) calls it
-    limiter = threading.BoundedSemaphore(max(1, settings.inference_workers))
+    # worker processes batch waiting photos themselves: let up to a batch per worker through at once
+    per_worker = getattr(recommender._encoder, "max_batch", 1)  # noqa: SLF001 (set at start-up or None)
+    limiter = threading.BoundedSemaphore(max(1, settings.inference_workers) * per_worker)
     items = recommender.index.items
     info = _info(recommender, settings)
     page = resources.files("fashion_lightning.serve") / PAGE_DIR

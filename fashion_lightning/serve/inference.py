@@ -5,14 +5,18 @@ the GIL often enough that item and history queries (pure search, ~1 ms) queue be
 (measured on the 2-core box: item p50 100 ms with in-process inference threads, see README). Worker
 processes have their own interpreters: the server process only decodes the photo, ships a 80x60 uint8
 array (14 KB) and gets the embedding and predicted attributes back. ``workers`` bounds how many run at
-once; the rest queue in the executor.
+once. Photos that arrive while every worker is busy wait together and go through as one batch (up to
+``max_batch``): under load a forward pass then serves several shoppers for little more than the cost of one.
 """
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
+import queue
+import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -65,25 +69,82 @@ class ProcessEncoder:
 
     accepts_numpy = True  # the recommender hands over uint8 [B, 3, H, W] arrays, not torch tensors
 
-    def __init__(self, checkpoint: str, workers: int = 1, torch_threads: int | None = 1) -> None:
-        self.pool = ProcessPoolExecutor(
+    def __init__(
+        self,
+        checkpoint: str,
+        workers: int = 1,
+        torch_threads: int | None = 1,
+        max_batch: int = 16,
+        pool: Executor | None = None,
+    ) -> None:
+        """``pool``: where forward passes run (default: ``workers`` spawned processes that load ``checkpoint``)."""
+        self.pool = pool or ProcessPoolExecutor(
             max(1, workers), mp_context=multiprocessing.get_context("spawn"),
             initializer=_load, initargs=(checkpoint, torch_threads),
         )  # fmt: skip
         self.workers = max(1, workers)
+        self.max_batch = max(1, max_batch)
         self.embedding_name = ""
+        self._photos: queue.SimpleQueue[tuple[np.ndarray, Future[Any]] | None] = queue.SimpleQueue()
+        self._free = threading.Semaphore(self.workers)  # a batch leaves only when a worker is free
+        self._batcher = threading.Thread(target=self._batch_photos, name="photo-batcher", daemon=True)
 
     def start(self) -> ProcessEncoder:
         """Start every worker and wait for its model (raises ModelLoadError for a bad checkpoint)."""
         futures = [self.pool.submit(_call, "ready", 0.5 if self.workers > 1 else 0.0) for _ in range(self.workers)]
         self.embedding_name = [f.result() for f in futures][0]
+        self._batcher.start()
         return self
 
     def _run(self, method: str, payload: Any) -> Any:
         return self.pool.submit(_call, method, payload).result()
 
     def embed_and_predict(self, images: np.ndarray) -> tuple[np.ndarray, dict[str, list[str]]]:
-        return self._run("embed_and_predict", np.ascontiguousarray(images))
+        """One query's photos; batched with the photos of other queries waiting at the same time."""
+        answer: Future[Any] = Future()
+        self._photos.put((np.ascontiguousarray(images), answer))
+        return answer.result()
+
+    def _batch_photos(self) -> None:
+        """Wait for a free worker, then send every photo query waiting by then (up to max_batch) as one batch."""
+        while True:
+            self._free.acquire()
+            first = self._photos.get()
+            if first is None:
+                return
+            waiting = [first]
+            while sum(len(images) for images, _ in waiting) < self.max_batch:
+                try:
+                    nxt = self._photos.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._photos.put(None)  # stop after this batch
+                    break
+                waiting.append(nxt)
+            batch = np.concatenate([images for images, _ in waiting]) if len(waiting) > 1 else first[0]
+            try:
+                done = self.pool.submit(_call, "embed_and_predict", batch)
+            except RuntimeError as err:  # the pool is shut down
+                self._free.release()
+                for _, answer in waiting:
+                    answer.set_exception(err)
+                continue
+            done.add_done_callback(functools.partial(self._answer, waiting))
+
+    def _answer(self, waiting: list[tuple[np.ndarray, Future[Any]]], result: Future[Any]) -> None:
+        """Split a batch's embeddings and predictions back to the queries it served."""
+        self._free.release()
+        error = result.exception()
+        start = 0
+        for images, answer in waiting:
+            if error is not None:
+                answer.set_exception(error)
+                continue
+            embedding, predictions = result.result()
+            rows = slice(start, start + len(images))
+            answer.set_result((embedding[rows], {task: labels[rows] for task, labels in predictions.items()}))
+            start += len(images)
 
     def embed_images(self, images: np.ndarray) -> np.ndarray:
         return self._run("embed_images", np.ascontiguousarray(images))
@@ -95,4 +156,5 @@ class ProcessEncoder:
         return self._run("embed_texts", list(texts))
 
     def close(self) -> None:
+        self._photos.put(None)
         self.pool.shutdown(wait=False, cancel_futures=True)
