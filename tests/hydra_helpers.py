@@ -40,3 +40,19 @@ def make_cfg(config_name: str, run_dir: Path, cache_dir: Path, overrides: list[s
         cfg.paths.cache_dir = str(cache_dir)
         del cfg.hydra  # as inside a Hydra app: the job config has no hydra node
     return cfg
+
+
+def train_and_index(root: Path, num_items: int, epochs: int) -> Path:
+    """A tiny model trained on the synthetic catalog, then its index folder (what the app tests query)."""
+    from fashion_lightning.index import build
+    from fashion_lightning.train import train
+
+    train(make_cfg("train", root / "train", root / "cache", [
+        "model.net.backbone=test_resnet", "model.net.input_size=[40,32]", "model.optimizer.lr=0.01",
+        f"data.num_items={num_items}", "data.train_transform=null", f"trainer.max_epochs={epochs}", "test=false",
+        *QUIET,
+    ]))  # fmt: skip
+    return build(make_cfg("index", root / "index_run", root / "cache", [
+        f"ckpt_path={root / 'train' / 'checkpoints' / 'last.ckpt'}", f"data.num_items={num_items}",
+        "data.num_workers=0", "+trainer.enable_progress_bar=false",
+    ]))  # fmt: skip

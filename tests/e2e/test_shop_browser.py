@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from hydra_helpers import QUIET, make_cfg
+from hydra_helpers import make_cfg, train_and_index
 
 pytestmark = pytest.mark.slow
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -35,20 +35,7 @@ ITEMS = 240
 def index_dir(tmp_path_factory) -> Path:
     if os.environ.get("FASHION_SERVE_INDEX"):
         return Path(os.environ["FASHION_SERVE_INDEX"])
-    from fashion_lightning.index import build
-    from fashion_lightning.train import train
-
-    root = tmp_path_factory.mktemp("shop")
-    cfg = make_cfg("train", root / "train", root / "cache", [
-        "model.net.backbone=test_resnet", "model.net.input_size=[40,32]", "model.optimizer.lr=0.01",
-        f"data.num_items={ITEMS}", "data.train_transform=null", "trainer.max_epochs=2", "test=false", *QUIET,
-    ])  # fmt: skip
-    train(cfg)
-    icfg = make_cfg("index", root / "index_run", root / "cache", [
-        f"ckpt_path={root / 'train' / 'checkpoints' / 'last.ckpt'}", f"data.num_items={ITEMS}",
-        "data.num_workers=0", "+trainer.enable_progress_bar=false",
-    ])  # fmt: skip
-    return build(icfg)
+    return train_and_index(tmp_path_factory.mktemp("shop"), ITEMS, epochs=2)
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fashion_lightning.index import build
 from fashion_lightning.recommend import recommend
 from fashion_lightning.retrieval import IndexIntegrityError, QueryError
-from fashion_lightning.train import train
-from hydra_helpers import QUIET, make_cfg
+from hydra_helpers import make_cfg, train_and_index
 
 pytestmark = pytest.mark.slow
 ITEMS = 240
@@ -24,20 +22,7 @@ ITEMS = 240
 
 @pytest.fixture(scope="module")
 def index_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("apps")
-    cfg = make_cfg("train", root / "train", root / "cache", [
-        "model.net.backbone=test_resnet", "model.net.input_size=[40,32]", "model.optimizer.lr=0.01",
-        f"data.num_items={ITEMS}", "data.train_transform=null", "trainer.max_epochs=3", "test=false", *QUIET,
-    ])  # fmt: skip
-    train(cfg)
-    ckpt = root / "train" / "checkpoints" / "last.ckpt"
-    icfg = make_cfg(
-        "index",
-        root / "index_run",
-        root / "cache",
-        [f"ckpt_path={ckpt}", f"data.num_items={ITEMS}", "data.num_workers=0", "+trainer.enable_progress_bar=false"],
-    )
-    return build(icfg)
+    return train_and_index(tmp_path_factory.mktemp("apps"), ITEMS, epochs=3)
 
 
 def _items(index_dir: Path):
