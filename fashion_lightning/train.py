@@ -14,7 +14,7 @@ from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_ru
 from fashion_lightning.utils.config_check import one_line_errors
 from fashion_lightning.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from fashion_lightning.utils.reporting import print_summary, update_json
-from fashion_lightning.utils.run_dir import claim_run_dir, run_dir_of
+from fashion_lightning.utils.run_dir import run_dir_of
 from fashion_lightning.utils.task_wrapper import task_wrapper
 
 
@@ -31,7 +31,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             )
             with open_dict(cfg):
                 cfg.paths.output_dir = str(origin)
-    claim_run_dir(cfg.paths.output_dir, cfg.get("ckpt_path"))
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, vocabs=resume_vocabs)
     datamodule.prepare_data()
