@@ -36,7 +36,6 @@ from fashion_lightning.retrieval import (
     Recommender,
     UnknownItemError,
 )
-from fashion_lightning.retrieval.results import plain_value
 
 PAGE_DIR = "page"
 FILTER_CHIP_VALUES = 12  # most common values per filter shown as chips on the page
@@ -96,7 +95,6 @@ def create_app(
     # worker processes batch waiting photos themselves: let up to a batch per worker through at once
     per_worker = getattr(recommender._encoder, "max_batch", 1)  # noqa: SLF001 (set at start-up or None)
     limiter = threading.BoundedSemaphore(max(1, settings.inference_workers) * per_worker)
-    items = recommender.index.items
     info = _info(recommender, settings)
     page = resources.files("fashion_lightning.serve") / PAGE_DIR
 
@@ -106,9 +104,11 @@ def create_app(
         where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "form"))
         return JSONResponse({"detail": f"{where or 'request'}: {first.get('msg', 'invalid')}"}, status_code=422)
 
+    shop_html = (page / "index.html").read_text(encoding="utf-8")  # read once, not per page view
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def shop_page() -> HTMLResponse:
-        return HTMLResponse((page / "index.html").read_text(encoding="utf-8"))
+        return HTMLResponse(shop_html)
 
     app.mount("/static", StaticFiles(directory=str(page)), name="static")
 
@@ -130,11 +130,11 @@ def create_app(
         rows = np.arange(recommender.index.n) if mask is None else np.flatnonzero(mask)
         step = max(1, len(rows) // max(1, limit * 4))  # spread over the catalog, not its first rows
         picked = rows[::step][offset : offset + limit]
-        return {"total": int(len(rows)), "filters": clean, "items": [_metadata(items, r) for r in picked]}
+        return {"total": int(len(rows)), "filters": clean, "items": recommender.records(picked)}
 
     @app.get("/items/{item_id}", summary="Catalog metadata of one item")
     async def item(item_id: int) -> dict[str, Any]:
-        return _metadata(items, _row(recommender, item_id))
+        return recommender.records([_row(recommender, item_id)])[0]
 
     @app.get("/items/{item_id}/image", summary="The catalog photo of one item")
     async def item_image(item_id: int) -> Response:
@@ -236,10 +236,6 @@ def _row(recommender: Recommender, item_id: int) -> int:
     if row < 0:
         raise HTTPException(404, f"unknown item id {item_id}")
     return row
-
-
-def _metadata(items: Any, row: int) -> dict[str, Any]:
-    return {key: plain_value(value) for key, value in items.iloc[int(row)].items()}
 
 
 def _image_type(data: bytes) -> str:
