@@ -21,7 +21,8 @@ from pathlib import Path
 import pandas as pd
 
 from fashion_lightning.data.schema import COLUMNS, FILL_UNKNOWN, MISSING_VALUES, REQUIRED, UNKNOWN
-from fashion_lightning.data.source import CatalogSource
+from fashion_lightning.data.source import CatalogFormatError, CatalogSource
+from fashion_lightning.utils.bounded import DEFAULT_CSV_LIMITS, CsvLimits, LimitError, check_csv_bytes
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +95,35 @@ def decode_styles(raw: bytes) -> tuple[str, set[int]]:
     return "".join(lines), repaired
 
 
-def parse_styles(raw: bytes, report: DataReport) -> pd.DataFrame:
-    """Parse styles.csv bytes into string columns, repairing unquoted commas in the name."""
+def parse_styles(
+    raw: bytes, report: DataReport, limits: CsvLimits = DEFAULT_CSV_LIMITS, where: str = "styles.csv"
+) -> pd.DataFrame:
+    """Parse styles.csv bytes into string columns, repairing unquoted commas in the name.
+
+    Size, line length and header width are checked first (``limits``); a file that is not a Kaggle
+    styles file is one :class:`CatalogFormatError` line naming ``where``.
+    """
+    try:
+        check_csv_bytes(raw, limits, where)
+    except LimitError as err:
+        raise CatalogFormatError(str(err)) from None
     text, bad_encoding = decode_styles(raw)
+    try:
+        return _parse_rows(text, bad_encoding, report, where)
+    except csv.Error as err:
+        raise CatalogFormatError(f"{where}: unreadable CSV ({str(err)[:200]})") from None
+
+
+def _parse_rows(text: str, bad_encoding: set[int], report: DataReport, where: str) -> pd.DataFrame:
     reader = csv.reader(io.StringIO(text))
     header = [h.strip() for h in next(reader, [])]
     missing = [c for c in COLUMNS if c not in header]
     if missing:
-        raise ValueError(f"styles.csv lacks column(s) {missing}; header is {header}")
+        shown = ", ".join(header[:20]) + (f", ... ({len(header)} columns)" if len(header) > 20 else "")
+        raise CatalogFormatError(f"{where} lacks column(s) {missing}; header is [{shown[:300]}]")
+    repeated = sorted({c for c in COLUMNS if header.count(c) > 1})
+    if repeated:
+        raise CatalogFormatError(f"{where} repeats column(s) {repeated}")
     width = len(header)
     name_col = header.index("productDisplayName")
     rows: list[list[str]] = []
@@ -189,7 +211,8 @@ def load_catalog(root: str | Path | CatalogSource, exclude_master_categories: It
     """
     source = root if isinstance(root, CatalogSource) else CatalogSource(root)
     report = DataReport(source=str(source.root))
-    frame = clean_styles(parse_styles(source.read_styles(), report), report, exclude_master_categories)
+    raw = source.read_styles()
+    frame = clean_styles(parse_styles(raw, report, where=source.styles_where), report, exclude_master_categories)
     has_image = frame["id"].isin(source.image_ids)
     report.drop("missing_image", frame.loc[~has_image, "id"])
     frame = frame[has_image].reset_index(drop=True)

@@ -13,6 +13,8 @@ import re
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from fashion_lightning.utils.bounded import DEFAULT_CSV_LIMITS, CsvLimits
+
 STYLES_NAME = "styles.csv"
 _IMAGE_RE = re.compile(r"^(\d+)\.(jpe?g|png)$", re.IGNORECASE)
 _MAX_DEPTH = 4
@@ -20,6 +22,14 @@ _MAX_DEPTH = 4
 
 class CatalogNotFoundError(FileNotFoundError):
     """The given root holds no Kaggle-layout catalog (styles.csv + images/)."""
+
+
+class CatalogFormatError(CatalogNotFoundError, ValueError):
+    """The catalog's styles.csv is there but is not a readable Kaggle styles file within the limits.
+
+    A :class:`CatalogNotFoundError` so every app's one-line handler (exit 2) already catches it, and a
+    ``ValueError`` for code that catches bad values.
+    """
 
 
 class CatalogSource:
@@ -85,8 +95,21 @@ class CatalogSource:
             return self._zipfile().read(name)
         return (self.root / name).read_bytes()
 
-    def read_styles(self) -> bytes:
+    def read_styles(self, limits: CsvLimits = DEFAULT_CSV_LIMITS) -> bytes:
+        """styles.csv's bytes, its size checked against ``limits.max_bytes`` before reading (for a zip,
+        the size the archive declares, which is also the most ``ZipFile.read`` will inflate)."""
+        if self.is_zip:
+            size = self._zipfile().getinfo(self.styles_path).file_size
+        else:
+            size = (self.root / self.styles_path).stat().st_size
+        if size > limits.max_bytes:
+            raise CatalogFormatError(f"{self.styles_where} is {size} bytes (limit max_bytes = {limits.max_bytes})")
         return self.read(self.styles_path)
+
+    @property
+    def styles_where(self) -> str:
+        """styles.csv's location for messages: ``<folder>/styles.csv`` or ``<zip>:<member>``."""
+        return f"{self.root}:{self.styles_path}" if self.is_zip else str(self.root / self.styles_path)
 
     def image_bytes(self, item_id: int) -> bytes | None:
         name = self.image_paths.get(int(item_id))

@@ -19,16 +19,20 @@ instead of a silently short index.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
+import re
+import struct
+import zipfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pandas as pd
+
+from fashion_lightning.utils.bounded import DEFAULT_CSV_LIMITS, CsvLimits, LimitError, check_csv_file, load_json
 
 FORMAT = "fashion-lightning-index"
 FORMAT_VERSION = 1
@@ -39,6 +43,10 @@ ITEMS_FILE = "items.csv"
 PARTS_FILE = "parts.npz"
 INDEX_TYPES = ("flat", "ivf", "hnsw", "ivfpq")
 IVF_TYPES = ("ivf", "ivfpq")
+COLUMN_KINDS = ("int", "float", "bool", "str")
+MAX_DIM = 65_536  # far above any embedding; bounds what a manifest may ask a reader to allocate per row
+MAX_COUNT = 2**40
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 # Default ceiling of the IVF / PQ training sample: 256 per list is what faiss's k-means uses at most, and
 # 2^18 float32 vectors (512 MiB at d = 512) keeps a streaming build's memory independent of N.
 TRAIN_SIZE_CAP = 2**18
@@ -164,15 +172,87 @@ class IndexManifest:
         missing = sorted(n for n in ("count", "dim", "index", "model", "items", "parts", "files") if n not in data)
         if missing:
             raise IndexIntegrityError(f"{where}: missing keys {missing}")
-        try:
-            manifest = cls(**{k: v for k, v in data.items() if k in names})
-            manifest.count, manifest.dim = int(manifest.count), int(manifest.dim)
-        except (TypeError, ValueError) as err:
-            raise IndexIntegrityError(f"{where}: malformed ({err})") from err
+        _check_record(data, where)
+        manifest = cls(**{k: v for k, v in data.items() if k in names})
         for name in (VECTORS_FILE, manifest.items.get("file", ITEMS_FILE)):
             if name not in manifest.files:
                 raise IndexIntegrityError(f"{where}: lists no checksum for {name}")
+        exact = manifest.files.get(EXACT_FILE)
+        if exact is not None and exact["bytes"] != manifest.count * manifest.dim * 4:
+            raise IndexIntegrityError(
+                f"{where}: {EXACT_FILE} is recorded as {exact['bytes']} bytes, not count x dim x 4 = "
+                f"{manifest.count * manifest.dim * 4}"
+            )
         return manifest
+
+
+def _check_record(data: Mapping[str, Any], where: str) -> None:
+    """Types and ranges of every manifest field a reader uses, so a hand-written manifest is refused in one
+    line instead of failing somewhere inside pandas / numpy / faiss. File names must be bare names: the
+    folder is checked, never a path it points to."""
+
+    def fail(what: str) -> NoReturn:
+        raise IndexIntegrityError(f"{where}: {what}"[:500])
+
+    def integer(value: Any, name: str, low: int, high: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            fail(f"{name} must be an integer in [{low}, {high}], got {_short(value)}")
+
+    integer(data["count"], "count", 0, MAX_COUNT)
+    integer(data["dim"], "dim", 1, MAX_DIM)
+    for key in ("index", "model", "items", "parts", "files"):
+        if not isinstance(data[key], Mapping):
+            fail(f"{key} must be an object, got {type(data[key]).__name__}")
+    for key, kind in (("metric", str), ("normalized", bool), ("created_at", str)):
+        if key in data and not isinstance(data[key], kind):
+            fail(f"{key} must be a {kind.__name__}, got {_short(data[key])}")
+    index = data["index"]
+    if index.get("type", "flat") not in INDEX_TYPES:
+        fail(f"index.type must be one of {INDEX_TYPES}, got {_short(index.get('type'))}")
+    for name in IndexParams.__dataclass_fields__:
+        value = index.get(name)
+        if name == "type" or value is None:
+            continue
+        if name == "max_memory_gb":
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 2**40:
+                fail(f"index.max_memory_gb must be a non-negative number, got {_short(value)}")
+        else:
+            integer(value, f"index.{name}", 0, 2**31 - 1)
+    items = data["items"]
+    bare_name(items.get("file", ITEMS_FILE), "items.file", fail)
+    columns = items.get("columns")
+    if not isinstance(columns, Mapping) or list(columns)[:1] != ["id"]:
+        fail("items.columns must be an object of column name -> kind whose first column is 'id'")
+    for name, kind in columns.items():
+        if kind not in COLUMN_KINDS:
+            fail(f"items.columns.{_short(name)} has kind {_short(kind)}, not one of {COLUMN_KINDS}")
+    for name, dim in data["parts"].items():
+        integer(dim, f"parts.{_short(name)}", 1, MAX_DIM)
+    for name, record in data["files"].items():
+        bare_name(name, "a files entry", fail)
+        if not isinstance(record, Mapping):
+            fail(f"files.{name} must be an object with bytes and sha256")
+        integer(record.get("bytes"), f"files.{name}.bytes", 0, 2**62)
+        if not isinstance(record.get("sha256"), str) or not _SHA256.fullmatch(record["sha256"]):
+            fail(f"files.{name}.sha256 must be 64 lowercase hex digits, got {_short(record.get('sha256'))}")
+
+
+def bare_name(name: Any, what: str, fail: Any) -> None:
+    """A file name inside the index folder: no folders, no ``..``, nothing hidden or absolute."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or name != os.path.basename(name)
+        or name.startswith(".")
+        or ("\\" in name or "\x00" in name or len(name) > 255)
+    ):
+        fail(f"{what} must be a plain file name inside the index folder, got {_short(name)}")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """A value for an error message: repr, cut short (the message stays one short line)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -248,30 +328,69 @@ def read_manifest(root: Path, verify: bool = True) -> IndexManifest:
             "rebuild it with fashion-index"
         )
     try:
-        data = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise IndexIntegrityError(f"{manifest_path}: not valid JSON ({err})") from err
+        data = load_json(manifest_path)
+    except LimitError as err:  # too big, too deep, not UTF-8, not JSON: one line naming the file
+        raise IndexIntegrityError(str(err)) from None
     manifest = IndexManifest.from_dict(data, str(manifest_path))
     for name, expected in manifest.files.items():
         verify_file(root / name, expected, verify)
     verified_checkpoint(manifest.model, root, verify)
+    if manifest.index.get("type", "flat") == "flat":
+        check_flat_header(root / VECTORS_FILE, manifest)
     return manifest
 
 
-def read_items(path: Path, manifest: IndexManifest, columns: list[str] | None = None) -> pd.DataFrame:
-    """The items file with the manifest's column types; ``columns`` reads only those (plus ``id``)."""
+_FLAT_MAGICS = (b"IxFI", b"IxF2", b"IxFl")
+
+
+def check_flat_header(path: Path, manifest: IndexManifest) -> None:
+    """A flat FAISS file's header against the manifest and the file size, before faiss allocates anything.
+
+    Layout (faiss ``write_index`` of an ``IndexFlat``): fourcc, int32 d, int64 ntotal, two int64 dummies,
+    bool is_trained, int32 metric (+ float32 argument for metrics > 1), uint64 float count, the floats.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    size = path.stat().st_size
+    if len(head) < 49 or head[:4] not in _FLAT_MAGICS:
+        raise IndexIntegrityError(f"{path}: not a flat FAISS index (header {head[:4]!r})")
+    d, ntotal = struct.unpack_from("<iq", head, 4)
+    metric = struct.unpack_from("<i", head, 33)[0]
+    offset = 37 + (4 if metric > 1 else 0)
+    floats = struct.unpack_from("<Q", head, offset)[0] if len(head) >= offset + 8 else -1
+    if d != manifest.dim:
+        raise IndexIntegrityError(f"{path}: holds {d}-d vectors but {MANIFEST_FILE} says dim={manifest.dim}")
+    if ntotal != manifest.count:
+        raise IndexIntegrityError(f"{path}: holds {ntotal} vectors but {MANIFEST_FILE} says count={manifest.count}")
+    if floats != ntotal * d or size != offset + 8 + 4 * floats:
+        raise IndexIntegrityError(f"{path}: header declares {floats} floats for {ntotal} x {d} vectors in {size} bytes")
+
+
+def read_items(
+    path: Path, manifest: IndexManifest, columns: list[str] | None = None, limits: CsvLimits = DEFAULT_CSV_LIMITS
+) -> pd.DataFrame:
+    """The items file with the manifest's column types; ``columns`` reads only those (plus ``id``).
+
+    Size, line length and header width are checked (``limits``) before pandas allocates anything.
+    """
     kinds: dict[str, str] = manifest.items.get("columns") or {}
     wanted = None if columns is None else ["id", *[c for c in kinds if c in set(columns) - {"id"}]]
     try:
+        check_csv_file(path, limits)
+    except LimitError as err:
+        raise IndexIntegrityError(str(err)) from None
+    try:
         header = pd.read_csv(path, dtype=str, nrows=0).columns.tolist()
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise IndexIntegrityError(f"{path}: unreadable CSV ({err})") from err
+        raise IndexIntegrityError(f"{path}: unreadable CSV ({_first_line(err)})") from None
     if header != list(kinds):
-        raise IndexIntegrityError(f"{path}: columns {header} != {MANIFEST_FILE}'s {list(kinds)}")
+        raise IndexIntegrityError(
+            f"{path}: columns {_short(header, 200)} != {MANIFEST_FILE}'s {_short(list(kinds), 200)}"
+        )
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[], usecols=wanted)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as err:
-        raise IndexIntegrityError(f"{path}: unreadable CSV ({err})") from err
+        raise IndexIntegrityError(f"{path}: unreadable CSV ({_first_line(err)})") from None
     if wanted is not None:
         frame = frame[wanted]
     if len(frame) != manifest.count:
@@ -284,8 +403,8 @@ def read_items(path: Path, manifest: IndexManifest, columns: list[str] | None = 
             elif kind == "bool":
                 frame[name] = frame[name] == "True"
         frame["id"] = frame["id"].astype(np.int64)
-    except (ValueError, TypeError) as err:
-        raise IndexIntegrityError(f"{path}: bad values ({err})") from err
+    except (ValueError, TypeError, OverflowError) as err:
+        raise IndexIntegrityError(f"{path}: bad values ({_first_line(err)})") from None
     if frame["id"].duplicated().any():
         duplicated = frame["id"][frame["id"].duplicated()].head(3).tolist()
         raise IndexIntegrityError(f"{path}: duplicate ids, e.g. {duplicated}")
@@ -293,14 +412,43 @@ def read_items(path: Path, manifest: IndexManifest, columns: list[str] | None = 
 
 
 def read_parts(path: Path, manifest: IndexManifest) -> dict[str, np.ndarray]:
+    """The extra vectors, each array's declared shape and size checked before it is read."""
     try:
+        check_npz_headers(path, {name: (manifest.count, dim) for name, dim in manifest.parts.items()})
         with np.load(path, allow_pickle=False) as npz:
-            parts = {name: np.asarray(npz[name], dtype=np.float32) for name in manifest.parts}
-    except (KeyError, ValueError, OSError) as err:
-        raise IndexIntegrityError(f"{path}: unreadable or missing arrays {list(manifest.parts)} ({err})") from err
-    for name, array in parts.items():
-        if array.shape != (manifest.count, manifest.parts[name]):
-            raise IndexIntegrityError(
-                f"{path}: {name} has shape {array.shape}, expected ({manifest.count}, {manifest.parts[name]})"
-            )
-    return parts
+            return {name: np.asarray(npz[name], dtype=np.float32) for name in manifest.parts}
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise IndexIntegrityError(
+            f"{path}: unreadable or missing arrays {_short(list(manifest.parts))} ({_first_line(err)})"
+        ) from None
+
+
+def check_npz_headers(path: Path, shapes: Mapping[str, tuple[int, int]]) -> None:
+    """Each ``.npy`` member's header (shape, dtype) and uncompressed size against ``shapes``, cheaply:
+    a member declaring 10^12 rows, or a small compressed member that inflates to gigabytes, is refused
+    before numpy allocates for it."""
+    with zipfile.ZipFile(path) as archive:
+        for name, shape in shapes.items():
+            try:
+                info = archive.getinfo(f"{name}.npy")
+            except KeyError:
+                raise IndexIntegrityError(f"{path}: no array {_short(name)}") from None
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+                if version not in read_header:
+                    raise IndexIntegrityError(f"{path}: {_short(name)} has .npy format version {version}")
+                declared, _, dtype = read_header[version](member)
+                header_bytes = member.tell()
+            if tuple(declared) != shape or dtype.kind != "f" or dtype.itemsize > 8:
+                raise IndexIntegrityError(
+                    f"{path}: {_short(name)} declares shape {_short(declared)} {dtype}, expected {shape} float"
+                )
+            if info.file_size != header_bytes + shape[0] * shape[1] * dtype.itemsize:
+                raise IndexIntegrityError(
+                    f"{path}: {_short(name)} is {info.file_size} bytes unpacked, not what shape {shape} needs"
+                )
+
+
+def _first_line(err: BaseException) -> str:
+    return _short(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__, 200)

@@ -10,6 +10,7 @@ with one line (:class:`LimitError`, a ``ValueError``).
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from collections.abc import Iterator, Mapping
@@ -33,6 +34,24 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True)
+class CsvLimits:
+    """How big a CSV file from elsewhere (``items.csv``, ``styles.csv``) may be, checked before parsing.
+
+    A C tokenizer (pandas) sizes its buffers by the longest line and the header width, so a file of a
+    million columns or one 1 GB line ends in ``MemoryError``; these limits refuse such a file first.
+    Defaults are far above any catalog: a styles.csv row is ~100 bytes and 10 columns.
+    """
+
+    max_bytes: int = 4 * 2**30
+    max_line: int = 2**20
+    max_columns: int = 1024
+
+
+DEFAULT_CSV_LIMITS = CsvLimits()
+_SCAN_CHUNK = 1 << 24
 
 
 def walk(value: Any, limits: Limits = DEFAULT_LIMITS, where: str = "value") -> Iterator[tuple[tuple[Any, ...], Any]]:
@@ -98,6 +117,66 @@ def load_json(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> Any:
     if size > limits.max_bytes:
         raise LimitError(f"{path} is {size} bytes (limit {limits.max_bytes})")
     return loads_json(path.read_bytes(), limits, str(path))
+
+
+def check_csv_bytes(data: bytes, limits: CsvLimits = DEFAULT_CSV_LIMITS, where: str = "CSV") -> None:
+    """Refuse CSV bytes past ``limits``: total size, longest physical line, header width."""
+    if len(data) > limits.max_bytes:
+        raise LimitError(f"{where} is {len(data)} bytes (limit {limits.max_bytes})")
+    _LineScan(limits, where).feed(data)
+    _check_header(data[: limits.max_line + 2], limits, where)
+
+
+def check_csv_file(path: str | Path, limits: CsvLimits = DEFAULT_CSV_LIMITS) -> None:
+    """:func:`check_csv_bytes` for a file, streamed in chunks (the size is checked before reading)."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > limits.max_bytes:
+        raise LimitError(f"{path} is {size} bytes (limit {limits.max_bytes})")
+    scan = _LineScan(limits, str(path))
+    with open(path, "rb") as fh:
+        head = fh.read(limits.max_line + 2)
+        scan.feed(head)
+        while chunk := fh.read(_SCAN_CHUNK):
+            scan.feed(chunk)
+    _check_header(head, limits, str(path))
+
+
+class _LineScan:
+    """Longest physical line (LF or CR ends one) over chunks, in numpy: ~1 GB/s, no per-line objects."""
+
+    def __init__(self, limits: CsvLimits, where: str) -> None:
+        self.limits, self.where, self.run = limits, where, 0
+
+    def feed(self, chunk: bytes) -> None:
+        import numpy as np  # numpy only when a CSV is read (bounded.py is imported by light paths)
+
+        raw = np.frombuffer(chunk, dtype=np.uint8)
+        breaks = np.flatnonzero((raw == 10) | (raw == 13))
+        if len(breaks) == 0:
+            self._line(self.run + len(raw))
+            self.run += len(raw)
+            return
+        self._line(self.run + int(breaks[0]))
+        if len(breaks) > 1:
+            self._line(int(np.diff(breaks).max()) - 1)
+        self.run = len(raw) - int(breaks[-1]) - 1
+        self._line(self.run)
+
+    def _line(self, length: int) -> None:
+        if length > self.limits.max_line:
+            raise LimitError(f"{self.where} has a line longer than {self.limits.max_line} bytes (limit max_line)")
+
+
+def _check_header(head: bytes, limits: CsvLimits, where: str) -> None:
+    """The first line's column count (the line itself is already known to fit ``max_line``)."""
+    first = head.splitlines()[0] if head else b""
+    try:
+        columns = next(csv.reader([first.decode("utf-8-sig", errors="replace")]), [])
+    except csv.Error as err:
+        raise LimitError(f"{where}: unreadable header ({str(err)[:100]})") from None
+    if len(columns) > limits.max_columns:
+        raise LimitError(f"{where} has {len(columns)} columns (limit max_columns = {limits.max_columns})")
 
 
 def _check_nesting(text: str, max_depth: int, where: str) -> None:

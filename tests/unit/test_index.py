@@ -159,7 +159,7 @@ CORRUPTIONS = {
     ),
     "missing manifest": (lambda p: (p / MANIFEST_FILE).unlink(), r"manifest\.json: missing"),
     "missing parts": (lambda p: (p / "parts.npz").unlink(), r"parts\.npz: listed in manifest\.json but missing"),
-    "manifest not json": (lambda p: (p / MANIFEST_FILE).write_text("{oops"), r"manifest\.json: not valid JSON"),
+    "manifest not json": (lambda p: (p / MANIFEST_FILE).write_text("{oops"), r"manifest\.json:? (is )?not valid JSON"),
     "manifest dim": (
         lambda p: _rewrite_manifest(p, dim=32),
         r"vectors\.faiss: holds 24-d vectors but manifest\.json says dim=32",
