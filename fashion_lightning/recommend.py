@@ -24,6 +24,7 @@ from fashion_lightning.retrieval.queries import check_k
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
 from fashion_lightning.utils.config_check import ConfigError
 from fashion_lightning.utils.task_wrapper import task_wrapper
+from fashion_lightning.utils.terminal import escape_markup
 
 if TYPE_CHECKING:
     import numpy as np
@@ -71,7 +72,8 @@ def main(cfg: DictConfig) -> None:
     try:
         recommend(cfg)
     except (ConfigError, RetrievalError, CatalogNotFoundError, FileNotFoundError) as err:
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]fashion-recommend:[/bold red] {err}")
+        message = escape_markup(err, 2000)  # may quote a file's text: shown, never interpreted
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]fashion-recommend:[/bold red] {message}")
         sys.exit(2)
 
 

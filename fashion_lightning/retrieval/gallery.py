@@ -18,6 +18,7 @@ from fashion_lightning.data.images import NATIVE_HW
 from fashion_lightning.retrieval.explain import shared_summary
 from fashion_lightning.retrieval.queries import ImageLike, QueryError, decode_query_image
 from fashion_lightning.retrieval.results import RecommendationResult
+from fashion_lightning.utils.terminal import clean_text, figure_text, rich_text
 
 ImageLoader = Callable[[int], np.ndarray]
 PANEL_INCHES = (1.9, 3.0)  # width, height of one query/result panel
@@ -52,12 +53,13 @@ def render_gallery(
     for ax, rec in zip(axes[1:], result.results):
         ax.imshow(_safe_load(image_loader, rec.id))
         ax.set_title(f"#{rec.rank}  {rec.score:.3f}", fontsize=8)
-        name = str(rec.metadata.get("productDisplayName") or "")
-        shared = shared_summary(rec.explanation)
+        name = clean_text(rec.metadata.get("productDisplayName") or "", 80)  # catalog text: data, not markup
+        shared = clean_text(shared_summary(rec.explanation), 80)
         caption = [f"id {rec.id}", *textwrap.wrap(name, 26)[:2]]
         if shared:
             caption += textwrap.wrap(f"shares: {shared}", 30)[:2]
-        ax.text(0.5, -0.03, "\n".join(caption), transform=ax.transAxes, ha="center", va="top", fontsize=6)
+        text = "\n".join(figure_text(line) for line in caption)
+        ax.text(0.5, -0.03, text, transform=ax.transAxes, ha="center", va="top", fontsize=6)
     fig.subplots_adjust(left=0.02, right=0.98, top=0.93, bottom=0.12, wspace=0.15, hspace=0.55)
     return save_figure(fig, out_path, dpi, facecolor="white")
 
@@ -66,10 +68,11 @@ def _draw_query(ax, result, image_loader, query_images, query_text) -> None:
     query = result.query
     text = query_text if query_text is not None else query.get("text") if query.get("kind") == "text" else None
     if text is not None and not query_images:
+        lines = textwrap.wrap(f"\u201c{clean_text(text, 120)}\u201d", 20)
         ax.text(
             0.5,
             0.5,
-            "\n".join(textwrap.wrap(f"\u201c{text}\u201d", 20)),
+            "\n".join(figure_text(line) for line in lines),
             ha="center",
             va="center",
             fontsize=9,
@@ -125,8 +128,12 @@ def _placeholder() -> np.ndarray:
 
 
 def results_table(result: RecommendationResult, title: str | None = None) -> Table:
-    """Rich table of the results (rank, id, name, type, colour, gender, score, shared attributes, parts)."""
-    table = Table(title=title or _describe(result.query), show_lines=False)
+    """Rich table of the results (rank, id, name, type, colour, gender, score, shared attributes, parts).
+
+    Every cell and the title are rich ``Text`` of cleaned values (:mod:`fashion_lightning.utils.terminal`):
+    a catalog's ``[link=...]`` or escape sequence is shown as text, never interpreted.
+    """
+    table = Table(title=rich_text(title or _describe(result.query), 300), show_lines=False)
     for name, style in (
         ("#", "dim"),
         ("id", "cyan"),
@@ -144,18 +151,18 @@ def results_table(result: RecommendationResult, title: str | None = None) -> Tab
     for rec in result.results:
         meta = rec.metadata
         row = [
-            str(rec.rank),
-            str(rec.id),
-            textwrap.shorten(str(meta.get("productDisplayName") or ""), 40),
-            str(meta.get("articleType", "")),
-            str(meta.get("baseColour", "")),
-            str(meta.get("gender", "")),
-            f"{rec.score:.4f}",
-            shared_summary(rec.explanation),
+            rich_text(rec.rank),
+            rich_text(rec.id),
+            rich_text(meta.get("productDisplayName") or "", 40),
+            rich_text(meta.get("articleType", ""), 40),
+            rich_text(meta.get("baseColour", ""), 40),
+            rich_text(meta.get("gender", ""), 40),
+            rich_text(f"{rec.score:.4f}"),
+            rich_text(shared_summary(rec.explanation), 60),
         ]
         if has_parts:
             parts = rec.explanation.parts
-            row.append(f"{parts['image']:.3f} / {parts['text']:.3f}" if parts else "")
+            row.append(rich_text(f"{parts['image']:.3f} / {parts['text']:.3f}" if parts else ""))
         table.add_row(*row)
     return table
 
