@@ -3,17 +3,69 @@
 A crash, a full disk or a kill while writing leaves either the old file or nothing under the final
 name, never a truncated file that looks valid. Every artefact the package writes (checkpoints,
 metrics.json, vocab.json, splits.csv, index files, caches) goes through here.
+
+A ``kill -9`` still leaves the temporary file. Its name says who wrote it
+(``.tmp-<name>.<host>-<pid>.<random><suffix>``), so the next write into the same folder removes the
+temporaries of writers on this host whose process is gone (:func:`remove_dead_temps`), and never a live
+process's, another host's, or any file not named that way.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import socket
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 TMP_PREFIX = ".tmp-"
+HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "host"
+_swept: set[Path] = set()
+_swept_lock = threading.Lock()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (one owned by another user counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # exists, owned by someone else / not a pid this OS has
+        return True
+    return True
+
+
+def remove_dead_temps(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files in ``directory`` that writers on this host left when they died."""
+    pattern = re.compile(rf"{re.escape(TMP_PREFIX)}.+\.{re.escape(HOST)}-(\d+)\.[a-z0-9_]+")
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if match is None or not entry.is_file(follow_symlinks=False) or pid_alive(int(match.group(1))):
+            continue
+        with contextlib.suppress(FileNotFoundError):  # another process removed it first
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+    return removed
+
+
+def _sweep_once(directory: Path) -> None:
+    """:func:`remove_dead_temps` the first time this process writes into ``directory``."""
+    key = directory.resolve()
+    with _swept_lock:
+        if key in _swept:
+            return
+        _swept.add(key)
+    remove_dead_temps(key)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -35,7 +87,9 @@ def atomic_path(path: str | os.PathLike[str], *, suffix: str | None = None) -> I
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{final.name}.", suffix=suffix or final.suffix, dir=final.parent)
+    _sweep_once(final.parent)
+    prefix = f"{TMP_PREFIX}{final.name}.{HOST}-{os.getpid()}."
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix or final.suffix, dir=final.parent)
     os.close(fd)
     tmp = Path(name)
     try:

@@ -74,8 +74,9 @@ def task_wrapper(task: Callable[..., R]) -> Callable[..., R]:
     def wrapped(cfg: DictConfig, *args: Any, **kwargs: Any) -> R:
         check_config(cfg)  # before the try: a config error has no run to mark as failed
         out = _output_dir(cfg)
-        if out is not None:  # nor a run dir that holds another run's files: nothing is written into it
-            claim_run_dir(out, cfg.get("ckpt_path"))
+        claim = None
+        if out is not None and _rank() == 0:  # nor a run dir another run holds: nothing is written into it
+            claim = claim_run_dir(out, cfg.get("ckpt_path"), app=cfg.get("task_name"))  # DDP ranks > 0 share it
         try:
             extras(cfg)
             return task(cfg, *args, **kwargs)
@@ -89,6 +90,8 @@ def task_wrapper(task: Callable[..., R]) -> Callable[..., R]:
             raise
         finally:
             close_loggers()
+            if claim is not None:
+                claim.release()
 
     return wrapped
 
