@@ -206,6 +206,12 @@ def _check_record(data: Mapping[str, Any], where: str) -> None:
     for key, kind in (("metric", str), ("normalized", bool), ("created_at", str)):
         if key in data and not isinstance(data[key], kind):
             fail(f"{key} must be a {kind.__name__}, got {_short(data[key])}")
+    model = data["model"]  # what the model record means is verified_checkpoint's; here only its shape
+    for key in ("checkpoint", "catalog", "embedding_name"):
+        if model.get(key) is not None and not isinstance(model[key], str):
+            fail(f"model.{key} must be a string, got {_short(model[key])}")
+    if model.get("checkpoint_file") is not None and not isinstance(model["checkpoint_file"], Mapping):
+        fail(f"model.checkpoint_file must be an object, got {_short(model['checkpoint_file'])}")
     index = data["index"]
     if index.get("type", "flat") not in INDEX_TYPES:
         fail(f"index.type must be one of {INDEX_TYPES}, got {_short(index.get('type'))}")

@@ -123,8 +123,8 @@ def check_csv_bytes(data: bytes, limits: CsvLimits = DEFAULT_CSV_LIMITS, where: 
     """Refuse CSV bytes past ``limits``: total size, longest physical line, header width."""
     if len(data) > limits.max_bytes:
         raise LimitError(f"{where} is {len(data)} bytes (limit {limits.max_bytes})")
-    _LineScan(limits, where).feed(data)
     _check_header(data[: limits.max_line + 2], limits, where)
+    _LineScan(limits, where).feed(data)
 
 
 def check_csv_file(path: str | Path, limits: CsvLimits = DEFAULT_CSV_LIMITS) -> None:
@@ -136,10 +136,10 @@ def check_csv_file(path: str | Path, limits: CsvLimits = DEFAULT_CSV_LIMITS) -> 
     scan = _LineScan(limits, str(path))
     with open(path, "rb") as fh:
         head = fh.read(limits.max_line + 2)
+        _check_header(head, limits, str(path))
         scan.feed(head)
         while chunk := fh.read(_SCAN_CHUNK):
             scan.feed(chunk)
-    _check_header(head, limits, str(path))
 
 
 class _LineScan:
@@ -169,7 +169,7 @@ class _LineScan:
 
 
 def _check_header(head: bytes, limits: CsvLimits, where: str) -> None:
-    """The first line's column count (the line itself is already known to fit ``max_line``)."""
+    """The first line's column count (of its first ``max_line`` bytes when it is longer: a lower bound)."""
     first = head.splitlines()[0] if head else b""
     try:
         columns = next(csv.reader([first.decode("utf-8-sig", errors="replace")]), [])

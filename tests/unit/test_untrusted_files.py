@@ -117,6 +117,7 @@ MANIFEST_DAMAGE = {
     "parts dim negative": (lambda m: m["parts"].update(image_embedding=-4), "parts.'image_embedding' must be"),
     "sha256 not hex": (lambda m: m["files"]["items.csv"].update(sha256="zz"), "sha256 must be 64 lowercase hex"),
     "bytes is a float": (lambda m: m["files"]["items.csv"].update(bytes=1.5), "files.items.csv.bytes must be"),
+    "checkpoint not a path": (lambda m: m["model"].update(checkpoint=1), "model.checkpoint must be a string"),
 }
 
 
