@@ -18,23 +18,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from fashion_lightning.models import registry
-from fashion_lightning.models.base import (
-    CheckpointError,
-    FashionModule,
-    UnsafeCheckpointError,
-    build_module,
-    checked_hparams,
-    plain,
-)
 from fashion_lightning.utils.atomic import atomic_dir
 from fashion_lightning.utils.bounded import LimitError, Limits, load_json
+
+if TYPE_CHECKING:  # the file names above are read by torch-free code (index manifests); torch loads lazily
+    import torch
+
+    from fashion_lightning.models.base import FashionModule
 
 FORMAT = "fashion-lightning-model"
 FORMAT_VERSION = 1
@@ -64,15 +59,26 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_artifact(module: FashionModule, folder: str | Path) -> Path:
+def save_artifact(module: FashionModule, folder: str | Path, replace: bool = False) -> Path:
     """Write ``module`` as an artefact folder, atomically (a crash leaves no folder that looks valid).
 
     The hyperparameters are validated on the way out exactly as they will be on the way in, so a model
-    that could not be loaded is never written. Refuses to replace an existing folder.
+    that could not be loaded is never written. An existing folder is refused unless ``replace`` (a resumed
+    run refreshing its own ``model/``): then the new folder is complete before the old one is moved away.
     """
+    folder = Path(folder)
+    if replace and folder.exists():
+        fresh = save_artifact(module, folder.with_name(f".tmp-new-{folder.name}-{os.getpid()}"))
+        old = folder.with_name(f".tmp-old-{folder.name}-{os.getpid()}")
+        os.rename(folder, old)
+        os.rename(fresh, folder)
+        shutil.rmtree(old, ignore_errors=True)
+        return folder
     from safetensors.torch import save_model
 
-    folder = Path(folder)
+    from fashion_lightning.models import registry
+    from fashion_lightning.models.base import checked_hparams, plain
+
     family = registry.family_of(module)
     hparams = checked_hparams(family, plain(dict(module.hparams)), f"the {family} module's config")
     with atomic_dir(folder, prefix=".tmp-model-") as tmp:
@@ -93,6 +99,9 @@ def save_artifact(module: FashionModule, folder: str | Path) -> Path:
 
 def read_config(path: str | Path) -> dict[str, Any]:
     """``model.json`` parsed with limits and checked (format, version, family, typed hyperparameters)."""
+    from fashion_lightning.models import registry
+    from fashion_lightning.models.base import CheckpointError, UnsafeCheckpointError, checked_hparams
+
     folder = artifact_dir(path)
     config_path = folder / CONFIG_FILE
     try:
@@ -104,7 +113,8 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise CheckpointError(f"{config_path} is not a {FORMAT} config")
     if config.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{config_path}: format version {config.get('version')!r}, this release reads {FORMAT_VERSION}")
+        version = str(config.get("version"))[:20]
+        raise CheckpointError(f"{config_path}: format version {version}, this release reads {FORMAT_VERSION}")
     family = config.get("family")
     if family not in registry.families():
         raise UnsafeCheckpointError(
@@ -129,6 +139,8 @@ def artifact_identity(path: str | Path) -> str:
 
 def verify_weights(path: str | Path, config: dict[str, Any] | None = None) -> Path:
     """The weights file, after checking its size and sha256 against ``model.json``."""
+    from fashion_lightning.models.base import CheckpointError
+
     folder = artifact_dir(path)
     config = config or read_config(folder)
     weights, record = folder / WEIGHTS_FILE, config["weights"]
@@ -145,6 +157,8 @@ def load_artifact(path: str | Path, map_location: str | torch.device = "cpu") ->
     """The module an artefact describes, in eval mode (see module doc for every check on the way)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model
+
+    from fashion_lightning.models.base import CheckpointError, build_module
 
     folder = artifact_dir(path)
     config = read_config(folder)

@@ -24,7 +24,12 @@ CLIP_NET = "fashion_lightning.models.clip.ClipFusionNet"
 
 Identifier = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
 ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")]  # timm / open_clip names, tags
-HubName = Annotated[str, Field(pattern=r"^(hf-hub:[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}|[A-Za-z0-9][A-Za-z0-9_.\-]{0,127})$")]  # noqa: E501
+HubName = Annotated[
+    str,
+    Field(
+        pattern=r"^(hf-hub:[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}|[A-Za-z0-9][A-Za-z0-9_.\-]{0,127})$"
+    ),
+]  # noqa: E501
 Label = Annotated[str, Field(max_length=200)]
 Text = Annotated[str, Field(max_length=500)]
 Side = Annotated[int, Field(ge=1, le=4096)]
