@@ -163,7 +163,7 @@ def load_artifact(path: str | Path, map_location: str | torch.device = "cpu") ->
     folder = artifact_dir(path)
     config = read_config(folder)
     weights = verify_weights(folder, config)
-    module = build_module(config["family"], config["hparams"])
+    module = build_module(config["family"], config["hparams"], folder / CONFIG_FILE)
     try:
         load_model(module, str(weights), strict=True)
     except (SafetensorError, RuntimeError, ValueError, OSError) as err:

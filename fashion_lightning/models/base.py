@@ -161,11 +161,15 @@ def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def build_module(family: str, hparams: Mapping[str, Any]) -> FashionModule:
+def build_module(family: str, hparams: Mapping[str, Any], where: str | Path = "the file") -> FashionModule:
     """A module of a registered family from validated hyperparameters, built for inference: no pretrained
     weights are fetched (what a file names as weights is never read), nothing is compiled."""
     cls = registry.module_class(family)
-    return cls(**{**hparams, **cls.inference_overrides(hparams)})
+    try:
+        return cls(**{**hparams, **cls.inference_overrides(hparams)})
+    except (ValueError, TypeError, KeyError, RuntimeError, OSError) as err:  # e.g. an unknown timm name
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(f"{where}: cannot build the {family} model it describes: {first}") from None
 
 
 def module_class(checkpoint: Mapping[str, Any], ckpt_path: str | Path = "checkpoint") -> type[FashionModule]:
@@ -181,7 +185,7 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> F
     if is_artifact(path):
         return load_artifact(path, map_location)
     checkpoint = read_checkpoint(path)
-    module = build_module(checkpoint[FAMILY_KEY], checkpoint["hyper_parameters"])
+    module = build_module(checkpoint[FAMILY_KEY], checkpoint["hyper_parameters"], path)
     state = checkpoint.get("state_dict")
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} has no state_dict of tensors")
