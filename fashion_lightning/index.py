@@ -1,4 +1,7 @@
-"""fashion-index: checkpoint + catalog -> FAISS index folder (vectors, items, manifest with checksums).
+"""fashion-index: model + catalog -> FAISS index folder (vectors, items, the model, manifest with checksums).
+
+The model (a training run's ``model/`` artefact, or a .ckpt) is copied into ``<index>/model/`` as
+safetensors + typed JSON, so the folder is self-contained and loading it never unpickles anything.
 
 With ``trainer=ddp`` every rank embeds its share into shards; a rerun of the same command after a crash
 skips the items already in complete shards (see ``retrieval.predict_writer``).
@@ -6,6 +9,7 @@ skips the items already in complete shards (see ``retrieval.predict_writer``).
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any, cast
 
@@ -17,8 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from torch.utils.data import Subset
 
-from fashion_lightning.models.base import CheckpointError, load_module
-from fashion_lightning.retrieval.manifest import IndexParams, checkpoint_record
+from fashion_lightning.models.artifact import artifact_identity, copy_artifact, is_artifact, save_artifact
+from fashion_lightning.models.base import CheckpointError, FashionModule, load_module
+from fashion_lightning.retrieval.manifest import MODEL_DIR, IndexParams, model_record
 from fashion_lightning.retrieval.predict_writer import IndexPredictionWriter, completed_ids
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
 from fashion_lightning.utils.config_check import one_line_errors
@@ -29,13 +34,14 @@ from fashion_lightning.utils.task_wrapper import task_wrapper
 def build(cfg: DictConfig) -> Path:
     """Returns the index folder."""
     L.seed_everything(cfg.seed, workers=True)
-    ckpt = str(Path(cfg.ckpt_path).expanduser().resolve())
-    module = load_module(ckpt)
+    source = Path(cfg.ckpt_path).expanduser().resolve()
+    module = load_module(source)
     datamodule = instantiate(cfg.data, vocabs=module.vocabs.to_dict(), tasks=module.vocabs.tasks)
     datamodule.setup("predict")
     out_dir = Path(cfg.index_dir or Path(cfg.paths.output_dir) / "index")
+    model = _place_model(module, source, out_dir) if cfg.get("copy_model", True) else source
     model_info = {
-        **checkpoint_record(ckpt, out_dir),
+        **model_record(model, out_dir),
         "module_class": f"{type(module).__module__}.{type(module).__qualname__}",
         "embedding_name": module.embedding_name,
         "tasks": module.vocabs.tasks,
@@ -65,6 +71,23 @@ def build(cfg: DictConfig) -> Path:
         )
         log.info("index written to %s", out_dir)
     return out_dir
+
+
+def _place_model(module: FashionModule, source: Path, out_dir: Path) -> Path:
+    """The model artefact inside the index folder (``<index>/model``): copied from an artefact, written from
+    a .ckpt. A resumed build keeps an existing copy only if it holds the same weights."""
+    target = out_dir / MODEL_DIR
+    if not target.exists():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return copy_artifact(source, target) if is_artifact(source) else save_artifact(module, target)
+    if is_artifact(source):
+        ours = artifact_identity(source)
+    else:  # the artefact this .ckpt would give, written aside to compare its weights' sha256
+        with tempfile.TemporaryDirectory(prefix=".tmp-model-", dir=out_dir) as scratch:
+            ours = artifact_identity(save_artifact(module, Path(scratch) / MODEL_DIR))
+    if artifact_identity(target) != ours:
+        raise CheckpointError(f"{target} holds another model than {source}; use a new index_dir")
+    return target
 
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="index")

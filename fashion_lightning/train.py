@@ -1,7 +1,9 @@
-"""fashion-train: fit a model, test the best checkpoint, write metrics.json into the run dir."""
+"""fashion-train: fit a model, test the best checkpoint, write metrics.json and the model artefact
+(``<run>/model/``: what fashion-index, fashion-eval and others load) into the run dir."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, cast
 
 import hydra
@@ -9,7 +11,8 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from fashion_lightning.models.base import CheckpointError, read_checkpoint
+from fashion_lightning.models.artifact import ARTIFACT_DIR, save_artifact
+from fashion_lightning.models.base import CheckpointError, FashionModule, load_module, read_checkpoint
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
 from fashion_lightning.utils.config_check import one_line_errors
 from fashion_lightning.utils.instantiate import instantiate_callbacks, instantiate_loggers
@@ -61,10 +64,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         if best_checkpoint := _best_checkpoint(trainer):
             metrics["best_checkpoint"] = best_checkpoint
+        metrics["model"] = str(_write_model(model, metrics.get("best_checkpoint"), cfg.paths.output_dir))
         metrics = update_json(f"{cfg.paths.output_dir}/metrics.json", metrics)
         print_summary(metrics, "test" if cfg.test else "val", datamodule.vocabs.tasks)
         log.info("run dir: %s", cfg.paths.output_dir)
     return metrics
+
+
+def _write_model(model: FashionModule, checkpoint: str | None, run_dir: str) -> Path:
+    """``<run>/model/``: the tested weights (best checkpoint, else the current ones) as the artefact others
+    load (safetensors + typed JSON, see models/artifact.py); fashion-index / fashion-eval take this folder."""
+    module = load_module(checkpoint) if checkpoint else model
+    target = save_artifact(module, Path(run_dir) / ARTIFACT_DIR, replace=True)
+    log.info("model artefact: %s", target)
+    return target
 
 
 def _best_checkpoint(trainer: L.Trainer) -> str:

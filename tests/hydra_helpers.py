@@ -43,7 +43,8 @@ def make_cfg(config_name: str, run_dir: Path, cache_dir: Path, overrides: list[s
 
 
 def train_and_index(root: Path, num_items: int, epochs: int) -> Path:
-    """A tiny model trained on the synthetic catalog, then its index folder (what the app tests query)."""
+    """A tiny model trained on the synthetic catalog, then its index folder (what the app tests query),
+    built from the run's model artefact (``<run>/model``) as README's commands do."""
     from fashion_lightning.index import build
     from fashion_lightning.train import train
 
@@ -53,6 +54,6 @@ def train_and_index(root: Path, num_items: int, epochs: int) -> Path:
         *QUIET,
     ]))  # fmt: skip
     return build(make_cfg("index", root / "index_run", root / "cache", [
-        f"ckpt_path={root / 'train' / 'checkpoints' / 'last.ckpt'}", f"data.num_items={num_items}",
+        f"ckpt_path={root / 'train' / 'model'}", f"data.num_items={num_items}",
         "data.num_workers=0", "+trainer.enable_progress_bar=false",
     ]))  # fmt: skip

@@ -2,15 +2,16 @@
 
 A checkpoint written by any :class:`FashionModule` carries what inference needs
 (vocabulary, net config, input size, normalisation) plus the module's class path, so
-``load_module(ckpt)`` restores either family without the training config.
+``load_module(ckpt)`` restores either family without the training config. Nothing in a file chooses
+code: the class path is a key of ``models/registry.py`` and the hyperparameters are validated against
+``models/spec.py`` before the module is built from them (see README "Safety").
 """
 
 from __future__ import annotations
 
-import importlib
 import pickle
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,12 @@ import torch
 from lightning.fabric.utilities.data import AttributeDict
 
 from fashion_lightning.data.vocab import LabelVocabs
+from fashion_lightning.models import registry
+from fashion_lightning.models.registry import UnknownTargetError
+from fashion_lightning.utils.bounded import LimitError, Limits, check
 
 CLASS_KEY = "fashion_module_class"
+FAMILY_KEY = "fashion_family"  # set by read_checkpoint after validation (never trusted from the file)
 
 
 def plain(value: Any) -> Any:
@@ -100,97 +105,92 @@ class UnsafeCheckpointError(CheckpointError):
 
 PACKAGE = "fashion_lightning"
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+# a checkpoint's hyperparameters are small: a few hundred values and a vocabulary of a few thousand labels
+HPARAMS_LIMITS = Limits(max_depth=12, max_nodes=200_000, max_string=4096)
 
 
-def _inside_package(path: object) -> bool:
-    return isinstance(path, str) and (path == PACKAGE or path.startswith(PACKAGE + "."))
-
-
-def _allowed_target(path: object) -> bool:
-    """A hparams ``_target_`` Hydra may build: ours, or a torch optimizer / LR scheduler class
-    (``model.optimizer._target_=torch.optim.SGD``); resolved by attribute, nothing else imported."""
-    if _inside_package(path):
-        return True
-    if not isinstance(path, str):
-        return False
-    module_path, _, name = path.rpartition(".")
-    if module_path not in ("torch.optim", "torch.optim.lr_scheduler"):
-        return False
-    obj = getattr(importlib.import_module(module_path), name, None)
-    return isinstance(obj, type) and issubclass(obj, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler))
-
-
-def _targets(value: Any) -> Iterator[Any]:
-    """Every ``_target_`` value in a nested hparams structure (Hydra instantiates these)."""
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            if key == "_target_":
-                yield item
-            else:
-                yield from _targets(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _targets(item)
-
-
-def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
-    """The checkpoint's contents, loaded without running code from the file; validated before use.
-
-    ``torch.load(weights_only=True)`` unpickles only tensors and plain containers, so a crafted
-    ``__reduce__`` never runs. The module class and every ``_target_`` in the saved hparams must
-    live in ``fashion_lightning`` (checked here, before anything is imported); timm / open_clip
-    model names are plain strings and are not affected; torch.optim optimizer and LR scheduler classes
-    are the one outside family a ``_target_`` may name.
-    """
+def _torch_load(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, so no ``__reduce__`` runs."""
     try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint not found: {ckpt_path}") from None
+        raise FileNotFoundError(f"checkpoint not found: {path}") from None
     except Exception as err:  # torch raises many types for damaged files
         found = _GLOBAL_RE.search(str(err)) if isinstance(err, pickle.UnpicklingError) else None
         if found:
             raise UnsafeCheckpointError(
-                f"refusing to load checkpoint {ckpt_path}: it holds a {found.group(1)} object, which a "
+                f"refusing to load checkpoint {path}: it holds a {found.group(1)} object, which a "
                 "fashion-lightning checkpoint never contains (only tensors and plain values are loaded)"
             ) from None
         first = (str(err).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"cannot read checkpoint {ckpt_path}: {type(err).__name__}: {first}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {first[:300]}") from None
+
+
+def checked_hparams(family: str, hparams: Any, where: str | Path) -> dict[str, Any]:
+    """Hyperparameters from a file, bounded (depth, size) then validated against the family's typed spec."""
+    from fashion_lightning.models.spec import SpecError, validate_hparams
+
+    try:
+        check(hparams, HPARAMS_LIMITS, "its hyperparameters")
+        return validate_hparams(family, hparams)
+    except (LimitError, SpecError, UnknownTargetError) as err:
+        raise UnsafeCheckpointError(f"refusing to load {where}: {err}") from None
+
+
+def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
+    """The checkpoint's contents, loaded without running code from the file and validated before use.
+
+    The module class it records must be a registered family (exact name, see ``models/registry.py``) and
+    its hyperparameters must fit that family's typed spec (``models/spec.py``); the returned checkpoint's
+    ``hyper_parameters`` are the validated ones and ``fashion_family`` names the family.
+    """
+    checkpoint = _torch_load(ckpt_path)
     if not isinstance(checkpoint, dict) or CLASS_KEY not in checkpoint:
         raise CheckpointError(f"{ckpt_path} is not a fashion-lightning checkpoint (no '{CLASS_KEY}' entry)")
     cls_path = checkpoint[CLASS_KEY]
-    if not _inside_package(cls_path):
+    try:
+        cls = registry.module_class(cls_path)
+    except UnknownTargetError:
         raise UnsafeCheckpointError(
-            f"refusing to load checkpoint {ckpt_path}: its module class {cls_path!r} is not inside {PACKAGE}"
-        )
-    for target in _targets(checkpoint.get("hyper_parameters", {})):
-        if not _allowed_target(target):
-            raise UnsafeCheckpointError(
-                f"refusing to load checkpoint {ckpt_path}: its hparams name _target_ {target!r}, "
-                f"not inside {PACKAGE} (nor a torch.optim optimizer / LR scheduler)"
-            )
+            f"refusing to load checkpoint {ckpt_path}: its module class {str(cls_path)[:200]!r} is not a "
+            f"registered model family ({', '.join(registry.families())})"
+        ) from None
+    family = registry.family_of_class(cls)
+    checkpoint["hyper_parameters"] = checked_hparams(family, checkpoint.get("hyper_parameters"), ckpt_path)
+    checkpoint[FAMILY_KEY] = family
     return checkpoint
 
 
-def module_class(checkpoint: Mapping[str, Any], ckpt_path: str | Path = "checkpoint") -> type[FashionModule]:
-    """The FashionModule subclass a validated checkpoint names (imported only from inside the package)."""
-    module_path, _, name = str(checkpoint[CLASS_KEY]).rpartition(".")
+def build_module(family: str, hparams: Mapping[str, Any], where: str | Path = "the file") -> FashionModule:
+    """A module of a registered family from validated hyperparameters, built for inference: no pretrained
+    weights are fetched (what a file names as weights is never read), nothing is compiled."""
+    cls = registry.module_class(family)
     try:
-        cls = getattr(importlib.import_module(module_path), name)
-    except (ImportError, AttributeError) as err:
-        raise CheckpointError(
-            f"{ckpt_path} names module class {checkpoint[CLASS_KEY]!r}, which does not exist"
-        ) from err
-    if not (isinstance(cls, type) and issubclass(cls, FashionModule)):
-        raise UnsafeCheckpointError(
-            f"refusing to load checkpoint {ckpt_path}: {checkpoint[CLASS_KEY]!r} is not a FashionModule"
-        )
-    return cls
+        return cls(**{**hparams, **cls.inference_overrides(hparams)})
+    except (ValueError, TypeError, KeyError, RuntimeError, OSError) as err:  # e.g. an unknown timm name
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(f"{where}: cannot build the {family} model it describes: {first}") from None
 
 
-def load_module(ckpt_path: str, map_location: str | torch.device = "cpu") -> FashionModule:
-    """Restore any FashionModule from its checkpoint alone, in eval mode (see :func:`read_checkpoint`)."""
-    checkpoint = read_checkpoint(ckpt_path)
-    cls = module_class(checkpoint, ckpt_path)
-    overrides = cls.inference_overrides(checkpoint.get("hyper_parameters", {}))
-    module = cls.load_from_checkpoint(ckpt_path, map_location=map_location, weights_only=True, **overrides)
-    return module.eval()
+def module_class(checkpoint: Mapping[str, Any], ckpt_path: str | Path = "checkpoint") -> type[FashionModule]:
+    """The FashionModule subclass a checkpoint read by :func:`read_checkpoint` names (registry lookup)."""
+    return registry.module_class(checkpoint[FAMILY_KEY])
+
+
+def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> FashionModule:
+    """Restore any FashionModule, in eval mode, from a model artefact folder (``model/``), its
+    ``model.json``, or a Lightning ``.ckpt`` (see :func:`read_checkpoint`). Never runs code from the file."""
+    from fashion_lightning.models.artifact import is_artifact, load_artifact
+
+    if is_artifact(path):
+        return load_artifact(path, map_location)
+    checkpoint = read_checkpoint(path)
+    module = build_module(checkpoint[FAMILY_KEY], checkpoint["hyper_parameters"], path)
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} has no state_dict of tensors")
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: weights do not fit its own config: {str(err).splitlines()[0][:300]}") from None
+    return module.to(map_location).eval()

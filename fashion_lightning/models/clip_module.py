@@ -23,10 +23,10 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from hydra.utils import instantiate
 from torch import nn
 
 from fashion_lightning.data.vocab import LabelVocabs
+from fashion_lightning.models import registry
 from fashion_lightning.models.base import FashionModule, as_vocabs, plain
 from fashion_lightning.models.clip import MAX_LOGIT_SCALE, ClipFusionNet, fuse
 from fashion_lightning.models.finetune import ema_callbacks
@@ -84,7 +84,7 @@ class ClipFusionModule(FashionModule):
         self.hparams["vocabs"] = self.vocabs.to_dict()
         for key, value in list(self.hparams.items()):  # plain containers: weights_only checkpoint loading
             self.hparams[key] = plain(value)
-        self.net: ClipFusionNet = net if isinstance(net, nn.Module) else instantiate(net_cfg)
+        self.net: ClipFusionNet = net if isinstance(net, nn.Module) else registry.build_net(net_cfg)
         self.preprocess = DeviceInput(
             input_size=self.net.image_size,
             mean=self.net.image_mean,

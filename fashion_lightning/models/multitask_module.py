@@ -18,10 +18,10 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
-from hydra.utils import instantiate
 from torch import nn
 
 from fashion_lightning.data.vocab import LabelVocabs
+from fashion_lightning.models import registry
 from fashion_lightning.models.base import FashionModule, as_vocabs, plain
 from fashion_lightning.models.finetune import ema_callbacks, make_mixup
 from fashion_lightning.models.losses import MultiTaskLoss, fill_class_weights
@@ -67,7 +67,7 @@ class MultiTaskModule(FashionModule):
         self.hparams["net"] = None if isinstance(net, nn.Module) else net_cfg
         self.hparams["vocabs"] = self.vocabs.to_dict()
         self.net: MultiTaskNet = (
-            net if isinstance(net, nn.Module) else instantiate(net_cfg, num_classes=self.vocabs.num_classes)
+            net if isinstance(net, nn.Module) else registry.build_net(net_cfg, num_classes=self.vocabs.num_classes)
         )
         weights = fill_class_weights(self.vocabs.num_classes, class_weights)
         self.loss = MultiTaskLoss(self.vocabs.tasks, self.hparams.task_weights, weights, label_smoothing)

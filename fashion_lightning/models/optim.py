@@ -14,6 +14,7 @@ decay where ``param.ndim <= 1`` (norm gains, biases, the CLIP temperature).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -21,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from fashion_lightning.models import registry
 
 if TYPE_CHECKING:
     from lightning.pytorch.utilities.types import LRSchedulerConfigType, OptimizerLRSchedulerConfig
@@ -111,26 +114,30 @@ def split_optimizer_config(cfg: Mapping[str, Any] | None, defaults: Mapping[str,
 def build_optimizer(
     cfg: Mapping[str, Any], groups: list[dict[str, Any]], device: torch.device
 ) -> torch.optim.Optimizer:
-    """Instantiate the partial optimiser over ``groups``; fused kernels on CUDA when the class has them."""
-    from hydra.utils import get_class, instantiate
+    """The optimiser over ``groups``; fused kernels on CUDA when the class has them.
 
-    cfg = dict(cfg)
-    cls = get_class(cfg["_target_"])
-    if device.type == "cuda" and "fused" not in cfg and "fused" in inspect.signature(cls).parameters:
-        cfg["fused"] = True  # AdamW/Adam/SGD: one kernel per step instead of a loop over tensors
+    The class is looked up by exact name in ``models/registry.py`` (torch.optim's classes and registered
+    ones), never imported from the string, so a saved config cannot name other code."""
+    kwargs = _kwargs(cfg)
+    cls = registry.optimizer_class(cfg["_target_"])
+    if device.type == "cuda" and "fused" not in kwargs and "fused" in inspect.signature(cls).parameters:
+        kwargs["fused"] = True  # AdamW/Adam/SGD: one kernel per step instead of a loop over tensors
     if not groups:
         raise RuntimeError("no trainable parameters to optimise")
-    return instantiate(cfg)(groups)
+    return cls(groups, **kwargs)
+
+
+def _kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A Hydra-style node's keyword arguments: everything but ``_target_`` / ``_partial_`` / ``_recursive_``."""
+    return {k: v for k, v in cfg.items() if not (k.startswith("_") and k.endswith("_"))}
 
 
 def build_scheduler(
     cfg: Mapping[str, Any] | None, optimizer: torch.optim.Optimizer, total_steps: int | float, legacy: Mapping
 ) -> LRSchedulerConfigType:
     """The Lightning ``lr_scheduler`` entry: a partial taking ``(optimizer, total_steps=...)``, stepped per batch."""
-    from hydra.utils import instantiate
-
     cfg = {"_target_": DEFAULT_SCHEDULER_TARGET, **dict(legacy), **dict(cfg or {}), "_partial_": True}
-    make = instantiate(cfg)
+    make = functools.partial(registry.scheduler_factory(cfg["_target_"]), **_kwargs(cfg))
     params = inspect.signature(make.func).parameters
     if "total_steps" not in params:
         scheduler = make(optimizer)

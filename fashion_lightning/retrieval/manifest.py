@@ -8,8 +8,10 @@ An index folder holds everything a recommender needs, and nothing it cannot chec
                     ``rerank > 0``): memory-mapped at query time to re-rank a short list exactly
 ``items.csv``       item metadata (catalog columns, ``id`` first); CSV so no parquet engine is needed
 ``parts.npz``       optional extra per-item vectors (e.g. the image / text halves of a fused embedding)
+``model/``          the model artefact that made the vectors (``model.json`` + ``model.safetensors``), so the
+                    folder is self-contained; a model outside the folder is refused unless explicitly trusted
 ``manifest.json``   format version, counts, dimension, metric, index parameters, the model that made the
-                    vectors (checkpoint path, size and sha256), item column types, and size + sha256 of
+                    vectors (path, identity, size and sha256 of its files), item column types, and size + sha256 of
                     every file above
 
 The manifest is written last, so a build that died half-way leaves a folder that ``load_index`` refuses
@@ -32,6 +34,8 @@ from typing import Any, NoReturn
 import numpy as np
 import pandas as pd
 
+from fashion_lightning.models.artifact import ARTIFACT_DIR
+from fashion_lightning.models.artifact import FILES as ARTIFACT_FILES
 from fashion_lightning.utils.bounded import DEFAULT_CSV_LIMITS, CsvLimits, LimitError, check_csv_file, load_json
 
 FORMAT = "fashion-lightning-index"
@@ -41,6 +45,8 @@ VECTORS_FILE = "vectors.faiss"
 EXACT_FILE = "vectors.f32"
 ITEMS_FILE = "items.csv"
 PARTS_FILE = "parts.npz"
+MODEL_DIR = ARTIFACT_DIR  # the model artefact copied into the folder (models/artifact.py)
+MODEL_FILES = ARTIFACT_FILES
 INDEX_TYPES = ("flat", "ivf", "hnsw", "ivfpq")
 IVF_TYPES = ("ivf", "ivfpq")
 COLUMN_KINDS = ("int", "float", "bool", "str")
@@ -291,39 +297,77 @@ def verify_file(path: Path, expected: Mapping[str, Any], checksum: bool = True, 
             )
 
 
-def checkpoint_record(checkpoint: str | Path, index_dir: str | Path) -> dict[str, Any]:
-    """The manifest's record of the model file: its path (relative when inside the index folder, so the
-    folder can be moved), size and sha256, checked by :func:`verified_checkpoint` before loading it."""
-    path, root = Path(checkpoint).resolve(), Path(index_dir).resolve()
+def model_record(model: str | Path, index_dir: str | Path, identity: str | None = None) -> dict[str, Any]:
+    """The manifest's record of the model that made the vectors: its path (relative when inside the index
+    folder, so the folder moves with it), the size + sha256 of its files and its identity (the weights'
+    sha256: what "the same model" means for updates, collections and reloads).
+
+    ``model`` is an artefact folder (``model.json`` + ``model.safetensors``) or, for indexes of older
+    releases, a ``.ckpt`` file; :func:`verified_model` checks the record before anything loads it."""
+    path, root = Path(model).resolve(), Path(index_dir).resolve()
     shown = os.path.relpath(path, root) if path.is_relative_to(root) else str(path)
-    return {"checkpoint": shown, "checkpoint_file": file_record(path)}
+    if path.is_dir():
+        files = {name: file_record(path / name) for name in MODEL_FILES}
+        if identity is None:
+            from fashion_lightning.models.artifact import artifact_identity
+
+            identity = artifact_identity(path)
+        return {"model": shown, "model_files": files, "model_identity": identity}
+    record = file_record(path)
+    return {"checkpoint": shown, "checkpoint_file": record, "model_identity": identity or record["sha256"]}
 
 
-def checkpoint_path(model: Mapping[str, Any], root: Path) -> Path | None:
-    """The checkpoint the manifest names, resolved against the index folder."""
-    name = model.get("checkpoint")
-    return None if not name else (root / name if not Path(name).is_absolute() else Path(name))
+def model_path(model: Mapping[str, Any], root: Path) -> Path | None:
+    """The model (artefact folder, or an old index's checkpoint) the manifest names, resolved in the folder."""
+    name = model.get("model") or model.get("checkpoint")
+    if not name:
+        return None
+    if not isinstance(name, str) or "\x00" in name or len(name) > 4096:
+        raise IndexIntegrityError(f"{root / MANIFEST_FILE}: the model path is not a valid path")
+    return root / name if not Path(name).is_absolute() else Path(name)
 
 
-def verified_checkpoint(model: Mapping[str, Any], root: Path, checksum: bool = True) -> Path | None:
-    """The checkpoint's path after checking it is the file the index was built from (None if none named).
+def verified_model(
+    model: Mapping[str, Any], root: Path, checksum: bool = True, allow_external: bool = False
+) -> Path | None:
+    """The model's path after checking it is what the index was built from (None if none named).
 
-    A missing file is not an error here (item queries never need the model); an edited manifest or a
-    swapped checkpoint is.
+    A path outside the index folder (absolute, ``../``, or a link out of it) is refused unless
+    ``allow_external`` says the user trusts it: whoever wrote the manifest also wrote its hashes, so a
+    hash alone does not make a file elsewhere on the machine safe to load. A missing model is not an error
+    here (item queries never need it); an edited manifest or a swapped file is.
     """
-    path = checkpoint_path(model, root)
-    record = model.get("checkpoint_file")
-    if path is None or not path.is_file():
+    path = model_path(model, root)
+    if path is None:
+        return None
+    if not allow_external and not path.resolve().is_relative_to(root.resolve()):
+        raise IndexIntegrityError(
+            f"{root / MANIFEST_FILE}: names a model outside the index folder ({path}); refused. Rebuild the "
+            "index with copy_model=true, or pass allow_external_model=true if you trust that file"
+        )
+    if not path.exists():
         return path
+    where = f"{root / MANIFEST_FILE}'s model record"
+    if "model" in model:
+        files = model.get("model_files")
+        if not isinstance(files, Mapping) or sorted(files) != sorted(MODEL_FILES):
+            raise IndexIntegrityError(f"{where} does not list the size and sha256 of {list(MODEL_FILES)}")
+        for name in MODEL_FILES:
+            record = files[name]
+            if not isinstance(record, Mapping):
+                raise IndexIntegrityError(f"{where}: {name} has no size and sha256")
+            verify_file(path / name, record, checksum, listed_in=where)
+        return path
+    record = model.get("checkpoint_file")
     if not isinstance(record, Mapping):
         raise IndexIntegrityError(
             f"{root / MANIFEST_FILE}: names checkpoint {path} without its size and sha256; rebuild the index"
         )
-    verify_file(path, record, checksum, listed_in=f"{root / MANIFEST_FILE}'s checkpoint record")
+    verify_file(path, record, checksum, listed_in=where)
     return path
 
 
-def read_manifest(root: Path, verify: bool = True) -> IndexManifest:
+def read_manifest(root: Path, verify: bool = True, allow_external_model: bool = False) -> IndexManifest:
     """Parse ``manifest.json`` and check every listed file's size (and sha256 when ``verify``)."""
     if not root.is_dir():
         raise IndexIntegrityError(f"{root}: index folder not found")
@@ -340,7 +384,7 @@ def read_manifest(root: Path, verify: bool = True) -> IndexManifest:
     manifest = IndexManifest.from_dict(data, str(manifest_path))
     for name, expected in manifest.files.items():
         verify_file(root / name, expected, verify)
-    verified_checkpoint(manifest.model, root, verify)
+    verified_model(manifest.model, root, verify, allow_external_model)
     if manifest.index.get("type", "flat") == "flat":
         check_flat_header(root / VECTORS_FILE, manifest)
     return manifest

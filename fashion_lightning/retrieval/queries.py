@@ -154,29 +154,32 @@ def _infer(fn: Callable[..., Any], *args: Any) -> Any:
         return fn(*args)
 
 
-def verified_checkpoint_path(index: LoadedIndex) -> Path | None:
-    """The index's checkpoint, resolved against the folder and checked (size + sha256) right now.
+def verified_model_path(index: LoadedIndex) -> Path | None:
+    """The index's model (artefact folder, or an old index's checkpoint), resolved in the folder and
+    checked (size + sha256) right now.
 
-    None when the manifest names no checkpoint; ModelLoadError when the file is gone. A swapped or
-    edited checkpoint raises the manifest's IndexIntegrityError before anything unpickles it.
+    None when the manifest names no model; ModelLoadError when it is gone. A swapped or edited file, or a
+    model outside the folder the user did not trust, raises the manifest's IndexIntegrityError before
+    anything reads it.
     """
-    checkpoint = index.checkpoint()
-    if checkpoint is not None and not checkpoint.is_file():
-        raise ModelLoadError(f"the index was built from {checkpoint}, which no longer exists; pass encoder=")
-    return checkpoint
+    model = index.model_path()
+    if model is not None and not model.exists():
+        raise ModelLoadError(f"the index was built from {model}, which no longer exists; pass encoder=")
+    return model
 
 
-def _checkpoint_loader(index: LoadedIndex) -> Callable[[], Encoder] | None:
-    if not index.model_info.get("checkpoint"):
+def model_loader(index: LoadedIndex) -> Callable[[], Encoder] | None:
+    """Loads the index's model on first need (None when the manifest names none)."""
+    if not (index.model_info.get("model") or index.model_info.get("checkpoint")):
         return None
 
     def load() -> Encoder:
-        checkpoint = verified_checkpoint_path(index)  # at load time: the file may have changed since start-up
+        model = verified_model_path(index)  # at load time: the files may have changed since start-up
         from fashion_lightning.models.base import load_module
 
         try:
-            return load_module(str(checkpoint))  # in eval mode
+            return load_module(str(model))  # in eval mode; never runs code from the files
         except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as err:
-            raise ModelLoadError(f"cannot load the index's model {checkpoint}: {err}") from err
+            raise ModelLoadError(f"cannot load the index's model {model}: {err}") from err
 
     return load

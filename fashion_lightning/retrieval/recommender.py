@@ -24,12 +24,12 @@ from fashion_lightning.retrieval.queries import (
     ImageLike,
     QueryError,
     UnknownItemError,
-    _checkpoint_loader,
     _embed_and_predict,
     _infer,
     _to_tensor,
     check_k,
     decode_query_image,
+    model_loader,
 )
 from fashion_lightning.retrieval.results import Recommendation, RecommendationResult, plain_value
 from fashion_lightning.retrieval.search import LoadedIndex, load_index
@@ -55,7 +55,7 @@ class Recommender:
     ) -> None:
         self.index = index
         self._encoder = encoder
-        self._encoder_loader = encoder_loader or _checkpoint_loader(index)
+        self._encoder_loader = encoder_loader or model_loader(index)
         self.groups = _duplicate_groups(index.items)
         self._values: dict[str, dict[str, str]] = {}
         self._records: list[dict[str, Any]] | None = None
@@ -67,8 +67,10 @@ class Recommender:
         encoder: Encoder | None = None,
         encoder_loader: Callable[[], Encoder] | None = None,
         verify: bool = True,
+        allow_external_model: bool = False,
     ) -> Recommender:
-        return cls(load_index(path, verify=verify), encoder, encoder_loader)
+        index = load_index(path, verify=verify, allow_external_model=allow_external_model)
+        return cls(index, encoder, encoder_loader)
 
     @property
     def encoder(self) -> Encoder:
@@ -76,7 +78,7 @@ class Recommender:
             if self._encoder_loader is None:
                 raise QueryError(
                     "photo and text queries need the model that built the index, but its manifest names no "
-                    "checkpoint; pass encoder= (or encoder_loader=) to Recommender"
+                    "model; pass encoder= (or encoder_loader=) to Recommender"
                 )
             self._encoder = self._encoder_loader()
         return self._encoder
@@ -368,7 +370,7 @@ class Recommender:
             raise QueryError(
                 f"the encoder's {what} embeddings have shape {vectors.shape[1:]} but the index holds "
                 f"{self.index.dim}-d vectors; use the model that built it "
-                f"({self.index.model_info.get('checkpoint')})"
+                f"({self.index.model_info.get('model') or self.index.model_info.get('checkpoint')})"
             )
         name, expected = getattr(self.encoder, "embedding_name", None), self.index.model_info.get("embedding_name")
         if name and expected and name != expected:

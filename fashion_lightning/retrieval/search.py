@@ -34,11 +34,11 @@ from fashion_lightning.retrieval.manifest import (
     IndexIntegrityError,
     IndexManifest,
     IndexParams,
-    checkpoint_path,
+    model_path,
     read_items,
     read_manifest,
     read_parts,
-    verified_checkpoint,
+    verified_model,
 )
 
 # FAISS switches its exhaustive search (flat indexes, IVF coarse assignment, k-means) from a per-query SIMD
@@ -77,7 +77,11 @@ def configure_threads(num_threads: int | None = None) -> int:
 
 
 def load_index(
-    path: str | Path, verify: bool = True, mmap: bool | None = None, columns: list[str] | None = None
+    path: str | Path,
+    verify: bool = True,
+    mmap: bool | None = None,
+    columns: list[str] | None = None,
+    allow_external_model: bool = False,
 ) -> LoadedIndex:
     """Open an index folder, refusing anything that does not match its manifest.
 
@@ -86,9 +90,10 @@ def load_index(
     touches only ``nprobe`` lists; flat / HNSW scans over mapped pages are slower, so they load into RAM
     unless asked). ``columns``: read
     only these item columns (plus ``id``) from ``items.csv``, for catalogs of millions of rows.
+    ``allow_external_model``: trust a model the manifest names outside the folder (refused by default).
     """
     root = Path(path)
-    manifest = read_manifest(root, verify)
+    manifest = read_manifest(root, verify, allow_external_model)
     kind = manifest.index.get("type", "flat")
     vectors_path = root / VECTORS_FILE
     if mmap is None:  # flat scans read every page: mapped 4 KiB file pages measured ~4x slower than RAM
@@ -121,7 +126,7 @@ def load_index(
     elif kind == "hnsw":  # read_index returns the concrete class (SWIG downcast); faiss's stub says Index
         cast(faiss.IndexHNSW, index).hnsw.efSearch = params.ef_search
     configure_threads()
-    return LoadedIndex(root, manifest, index, items, parts, exact)
+    return LoadedIndex(root, manifest, index, items, parts, exact, allow_external_model=allow_external_model)
 
 
 @dataclass(eq=False)
@@ -134,6 +139,7 @@ class LoadedIndex:
     items: pd.DataFrame
     parts: dict[str, np.ndarray] = field(default_factory=dict)
     exact_vectors: np.ndarray | None = None  # memory-mapped float32 copy (IVF types with rerank > 0)
+    allow_external_model: bool = False  # the user trusts a model outside the folder (see verified_model)
 
     def __post_init__(self) -> None:
         self.ids = self.items["id"].to_numpy(dtype=np.int64)
@@ -154,16 +160,17 @@ class LoadedIndex:
 
     @property
     def model_info(self) -> dict[str, Any]:
-        """The manifest's model record, with the checkpoint path resolved against the index folder."""
+        """The manifest's model record, with the model path resolved against the index folder."""
         info = dict(self.manifest.model)
-        path = checkpoint_path(info, self.path)
+        path = model_path(info, self.path)
         if path is not None:
-            info["checkpoint"] = str(path)
+            info["model" if info.get("model") else "checkpoint"] = str(path)
         return info
 
-    def checkpoint(self) -> Path | None:
-        """The checkpoint to load the model from, checked (size + sha256) against the manifest right now."""
-        return verified_checkpoint(self.manifest.model, self.path)
+    def model_path(self) -> Path | None:
+        """The model to load (artefact folder, or an old index's checkpoint), checked against the manifest
+        right now (size + sha256 of its files; outside the folder only with ``allow_external_model``)."""
+        return verified_model(self.manifest.model, self.path, allow_external=self.allow_external_model)
 
     def rows_of(self, ids: np.ndarray | list[int]) -> np.ndarray:
         """Row of each item id, -1 where the index does not hold it."""

@@ -37,8 +37,8 @@ from fashion_lightning.retrieval.manifest import (
     VECTORS_FILE,
     IndexManifest,
     IndexParams,
-    checkpoint_record,
     file_record,
+    model_record,
 )
 from fashion_lightning.retrieval.search import configure_threads
 from fashion_lightning.utils.atomic import atomic_path, atomic_write_text
@@ -105,9 +105,9 @@ class IndexWriter:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         info = dict(model_info)
-        checkpoint = info.get("checkpoint")
-        if checkpoint and "checkpoint_file" not in info and Path(checkpoint).is_file():
-            info.update(checkpoint_record(checkpoint, self.out_dir))  # what load_index will check it against
+        model = info.get("model") or info.get("checkpoint")
+        if model and "model_files" not in info and "checkpoint_file" not in info and Path(model).exists():
+            info.update(model_record(model, self.out_dir))  # what load_index will check it against
         self.model_info = json.loads(json.dumps(info, default=str))
         self.params = params or IndexParams()
         if self.params.type not in INDEX_TYPES:

@@ -263,7 +263,9 @@ def _info(recommender: Recommender, settings: ServeSettings) -> dict[str, Any]:
         if name in items.columns
     }
     model = {
-        k: v for k, v in index.model_info.items() if k in ("embedding_name", "module_class", "checkpoint", "tasks")
+        k: v
+        for k, v in index.model_info.items()
+        if k in ("embedding_name", "module_class", "model", "checkpoint", "model_identity", "tasks")
     }
     return {
         "index": {
@@ -277,7 +279,7 @@ def _info(recommender: Recommender, settings: ServeSettings) -> dict[str, Any]:
         },
         "model": model,
         "text_queries": bool(index.parts) or "clip" in str(model.get("embedding_name", "")).lower(),
-        "photo_queries": bool(model.get("checkpoint")) or recommender._encoder is not None,
+        "photo_queries": bool(model.get("model") or model.get("checkpoint")) or recommender._encoder is not None,
         "filters": values,
         "limits": {
             "max_k": settings.max_k,

@@ -16,7 +16,7 @@ from rich.console import Console
 
 from fashion_lightning.data.source import CatalogNotFoundError, CatalogSource
 from fashion_lightning.retrieval import Encoder, Recommender, RetrievalError
-from fashion_lightning.retrieval.queries import verified_checkpoint_path
+from fashion_lightning.retrieval.queries import verified_model_path
 from fashion_lightning.serve.app import ServeSettings, create_app
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
 
@@ -28,10 +28,10 @@ def build(cfg: DictConfig):
     # a service refuses decompression bombs outright (PIL only warns between 1x and 2x its limit)
     warnings.simplefilter("error", Image.DecompressionBombWarning)
     _search_threads(cfg.search_threads)
-    recommender = Recommender.from_dir(cfg.index_dir)
+    recommender = Recommender.from_dir(cfg.index_dir, allow_external_model=bool(cfg.allow_external_model))
     root = cfg.catalog_root or recommender.index.model_info.get("catalog")
     source = CatalogSource(root) if root else None
-    checkpoint = verified_checkpoint_path(recommender.index)  # resolved in the index folder, size + sha256
+    checkpoint = verified_model_path(recommender.index)  # resolved in the index folder, size + sha256
     if checkpoint and cfg.inference == "process":
         from fashion_lightning.serve.inference import ProcessEncoder
 

@@ -40,8 +40,24 @@ def test_index_covers_the_whole_catalog_with_a_manifest(index_dir):
     manifest = json.loads((index_dir / "manifest.json").read_text())
     items = _items(index_dir)
     assert manifest["count"] == len(items) > 0.9 * ITEMS  # split=all: every clean item, not just test
-    assert manifest["model"]["embedding_name"] == "multitask" and Path(manifest["model"]["checkpoint"]).exists()
+    assert manifest["model"]["embedding_name"] == "multitask" and manifest["model"]["model"] == "model"
+    assert sorted(manifest["model"]["model_files"]) == ["model.json", "model.safetensors"]
     assert {"id", "articleType", "image_sha1"} <= set(items.columns) and "cache_row" not in items.columns
+
+
+def test_index_folder_is_self_contained(index_dir, tmp_path):
+    """The model travels inside the folder as safetensors + JSON: a copy answers photo queries on its own."""
+    import shutil
+
+    from fashion_lightning.retrieval import Recommender
+
+    moved = Path(shutil.copytree(index_dir, tmp_path / "moved"))
+    recommender = Recommender.from_dir(moved)
+    assert recommender.index.model_path() == moved / "model"
+    catalog = Path(json.loads((index_dir / "manifest.json").read_text())["model"]["catalog"])
+    photo = catalog / "images" / f"{_items(index_dir)['id'].iloc[0]}.jpg"
+    result = recommender.by_images(photo, k=3)
+    assert len(result.results) == 3 and result.query.get("predicted")
 
 
 def test_item_query_writes_json_and_gallery(index_dir, tmp_path):
@@ -77,10 +93,9 @@ def test_bad_queries_and_damaged_index_are_refused(index_dir, tmp_path):
         _recommend(index_dir, tmp_path / "a", tmp_path / "c", ["query.item_id=-5"])
     with pytest.raises(QueryError, match="text"):
         _recommend(index_dir, tmp_path / "b", tmp_path / "c", ["query.text='red shirt'"])  # no text tower
-    damaged = tmp_path / "damaged"
-    damaged.mkdir()
-    for f in index_dir.iterdir():
-        (damaged / f.name).write_bytes(f.read_bytes())
+    import shutil
+
+    damaged = Path(shutil.copytree(index_dir, tmp_path / "damaged"))
     data = bytearray((damaged / "vectors.faiss").read_bytes())
     data[len(data) // 2] ^= 0xFF
     (damaged / "vectors.faiss").write_bytes(bytes(data))

@@ -18,7 +18,7 @@ from fashion_lightning.retrieval import (
     build_index,
     load_index,
 )
-from fashion_lightning.retrieval.manifest import MANIFEST_FILE, checkpoint_record
+from fashion_lightning.retrieval.manifest import MANIFEST_FILE, model_record
 from fashion_lightning.retrieval.writer import _Reservoir
 
 MODEL_INFO = {"checkpoint": None, "embedding_name": "random"}
@@ -175,30 +175,43 @@ def test_checkpoint_is_recorded_verified_and_moves_with_the_folder(tmp_path):
     ckpt = folder / "model.ckpt"
     folder.mkdir()
     ckpt.write_bytes(b"weights v1" * 100)
-    info = {**checkpoint_record(ckpt, folder), "embedding_name": "random"}
+    info = {**model_record(ckpt, folder), "embedding_name": "random"}
     assert info["checkpoint"] == "model.ckpt" and info["checkpoint_file"]["bytes"] == 1000
     build_index(clustered(30, 8), meta(30), folder, info)
     moved = tmp_path / "moved"
     shutil.move(folder, moved)
     index = load_index(moved)
-    assert index.checkpoint() == moved / "model.ckpt" and index.model_info["checkpoint"] == str(moved / "model.ckpt")
+    assert index.model_path() == moved / "model.ckpt" and index.model_info["checkpoint"] == str(moved / "model.ckpt")
     (moved / "model.ckpt").write_bytes(b"weights v2" * 100)  # swapped checkpoint, same size
-    with pytest.raises(IndexIntegrityError, match=r"model\.ckpt: sha256 .*manifest\.json's checkpoint record"):
+    with pytest.raises(IndexIntegrityError, match=r"model\.ckpt: sha256 .*manifest\.json's model record"):
         load_index(moved)
+
+
+def test_a_model_outside_the_folder_is_refused_unless_trusted(tmp_path):
+    """Whoever wrote the manifest wrote its hashes too: a path out of the folder is refused by default."""
     other = tmp_path / "other.ckpt"
     other.write_bytes(b"x" * 10)
-    manifest = json.loads((moved / MANIFEST_FILE).read_text())
-    manifest["model"]["checkpoint"] = str(other)  # edited manifest: points at a different checkpoint
-    (moved / MANIFEST_FILE).write_text(json.dumps(manifest))
-    with pytest.raises(IndexIntegrityError, match=r"other\.ckpt: 10 bytes, but .* recorded 1000"):
-        load_index(moved)
-    outside = checkpoint_record(other, moved)
+    outside = model_record(other, tmp_path / "plain")
     assert outside["checkpoint"] == str(other.resolve())  # outside the folder: absolute
-    # build_index given only a checkpoint path records its size + sha256 itself
     manifest = build_index(clustered(30, 8), meta(30), tmp_path / "plain", {"checkpoint": str(other)})
-    assert manifest.model["checkpoint_file"]["bytes"] == 10
-    other.write_bytes(b"y" * 10)
+    assert manifest.model["checkpoint_file"]["bytes"] == 10  # recorded by build_index itself
+    with pytest.raises(IndexIntegrityError, match=r"outside the index folder .*allow_external_model=true"):
+        load_index(tmp_path / "plain")
+    assert load_index(tmp_path / "plain", allow_external_model=True).model_path() == other
+    other.write_bytes(b"y" * 10)  # trusted, and still checked
     with pytest.raises(IndexIntegrityError, match=r"other\.ckpt: sha256"):
+        load_index(tmp_path / "plain", allow_external_model=True)
+    manifest_path = tmp_path / "plain" / MANIFEST_FILE
+    for edited in ("../other.ckpt", "/etc/passwd"):  # relative escapes and absolute paths alike
+        data = json.loads(manifest_path.read_text())
+        data["model"]["checkpoint"] = edited
+        manifest_path.write_text(json.dumps(data))
+        with pytest.raises(IndexIntegrityError, match="outside the index folder"):
+            load_index(tmp_path / "plain")
+    (tmp_path / "plain" / "link").symlink_to(tmp_path)  # a link out of the folder is outside too
+    data["model"]["checkpoint"] = "link/other.ckpt"
+    manifest_path.write_text(json.dumps(data))
+    with pytest.raises(IndexIntegrityError, match="outside the index folder"):
         load_index(tmp_path / "plain")
 
 
@@ -210,7 +223,7 @@ def test_model_load_rechecks_the_checkpoint_a_service_started_with(tmp_path, mon
     folder = tmp_path / "idx"
     folder.mkdir()
     (folder / "model.ckpt").write_bytes(b"weights v1" * 100)
-    build_index(clustered(30, 8), meta(30), folder, {**checkpoint_record(folder / "model.ckpt", folder)})
+    build_index(clustered(30, 8), meta(30), folder, {**model_record(folder / "model.ckpt", folder)})
     recommender = Recommender.from_dir(folder)  # verified now
     (folder / "model.ckpt").write_bytes(b"weights v2" * 100)  # swapped while serving
     monkeypatch.setattr(base, "load_module", lambda path: pytest.fail("a swapped checkpoint was loaded"))

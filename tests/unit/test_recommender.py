@@ -21,7 +21,7 @@ from rich.console import Console
 from fashion_lightning.data import schema
 from fashion_lightning.retrieval import FILTER_FIELDS, QueryError, RecommendationResult, Recommender, build_index
 from fashion_lightning.retrieval.gallery import PANEL_INCHES, render_gallery, results_table
-from fashion_lightning.retrieval.manifest import checkpoint_record
+from fashion_lightning.retrieval.manifest import model_record
 from fashion_lightning.retrieval.queries import ModelLoadError
 
 COLOURS = {"Navy Blue": (20, 30, 110), "Red": (200, 30, 30), "Black": (15, 15, 15), "White": (235, 235, 235)}
@@ -353,9 +353,10 @@ def test_encoder_is_loaded_only_for_photo_and_text(catalog, tmp_path):
     assert loads == [1]
     with pytest.raises(ModelLoadError, match="no longer exists"):
         Recommender.from_dir(tmp_path).by_images(images[5])
-    damaged = tmp_path / "damaged.ckpt"
+    damaged = tmp_path / "d" / "damaged.ckpt"  # inside the folder (a model outside it is refused earlier)
+    damaged.parent.mkdir()
     damaged.write_bytes(b"PK\x03\x04 not a checkpoint")
-    record = checkpoint_record(damaged, tmp_path / "d")  # a file that was never a checkpoint: sizes match
+    record = model_record(damaged, tmp_path / "d")  # a file that was never a checkpoint: sizes match
     build_index(embed_catalog(encoder, images), frame, tmp_path / "d", {**model_info, **record})
     with pytest.raises(ModelLoadError, match="cannot load the index's model .*damaged.ckpt"):
         Recommender.from_dir(tmp_path / "d").by_images(images[5])

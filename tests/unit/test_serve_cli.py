@@ -15,7 +15,7 @@ import pytest
 from test_recommender import FakeEncoder, catalog, embed_catalog, png_bytes  # noqa: F401 (fixture)
 
 from fashion_lightning.retrieval import build_index
-from fashion_lightning.retrieval.manifest import checkpoint_record
+from fashion_lightning.retrieval.manifest import model_record
 
 pytestmark = pytest.mark.slow  # subprocesses: ~5 s each
 
@@ -25,14 +25,15 @@ def index_dir(catalog, tmp_path_factory) -> Path:  # noqa: F811 (imported fixtur
     """A synthetic index whose manifest names a damaged checkpoint and an existing catalog folder."""
     frame, images = catalog
     root = tmp_path_factory.mktemp("cli")
-    damaged = root / "damaged.ckpt"
+    damaged = root / "index" / "damaged.ckpt"  # inside the folder (a model outside it is refused earlier)
+    damaged.parent.mkdir()
     damaged.write_bytes(b"PK\x03\x04" + os.urandom(256))
     catalog_dir = root / "catalog"
     (catalog_dir / "images").mkdir(parents=True)
     frame.drop(columns=["image_sha1"]).to_csv(catalog_dir / "styles.csv", index=False)
     for item_id, image in zip(frame["id"], images):
         (catalog_dir / "images" / f"{item_id}.png").write_bytes(png_bytes(image))
-    model_info = {"embedding_name": "fake", **checkpoint_record(damaged, root / "index"), "catalog": str(catalog_dir)}
+    model_info = {"embedding_name": "fake", **model_record(damaged, root / "index"), "catalog": str(catalog_dir)}
     build_index(embed_catalog(FakeEncoder(), images), frame, root / "index", model_info)
     return root / "index"
 

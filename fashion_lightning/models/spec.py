@@ -1,0 +1,203 @@
+"""Typed configs of what a saved model may say: every hyperparameter of both families, checked.
+
+A checkpoint's ``hyper_parameters`` and an artefact's ``model.json`` are validated here before anything is
+built from them: unknown keys are refused, every value has a type and a range, and the four strings that
+name code (net, module, optimiser, scheduler) must be keys of :mod:`~fashion_lightning.models.registry`.
+Names that reach timm / open_clip are plain identifiers (no paths, no ``local-dir:``); free-form timm
+kwargs may only be numbers or booleans, so no path or name sneaks in through them.
+
+A test keeps each module spec's fields equal to its constructor's parameters: a new hyperparameter must
+be declared here to be saved and loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fashion_lightning.models import registry
+
+MULTITASK_NET = "fashion_lightning.models.multitask.MultiTaskNet"
+CLIP_NET = "fashion_lightning.models.clip.ClipFusionNet"
+
+Identifier = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
+ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")]  # timm / open_clip names, tags
+HubName = Annotated[
+    str,
+    Field(
+        pattern=r"^(hf-hub:[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}|[A-Za-z0-9][A-Za-z0-9_.\-]{0,127})$"
+    ),
+]  # noqa: E501
+Label = Annotated[str, Field(max_length=200)]
+Text = Annotated[str, Field(max_length=500)]
+Side = Annotated[int, Field(ge=1, le=4096)]
+Unit = Annotated[float, Field(ge=0.0, le=1.0)]
+Scalar = bool | int | float
+
+
+def _finite(value: Any, where: str) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} must be finite")
+    return value
+
+
+def _scalar_extras(model: BaseModel, what: str, allow_lists: bool = False) -> None:
+    """Extra keys (timm kwargs, optimiser kwargs) must be identifiers with numeric / boolean values."""
+    for key, value in (model.model_extra or {}).items():
+        if not isinstance(key, str) or not key.isidentifier() or key.startswith("_"):
+            raise ValueError(f"{what} has a key {key!r} that is not a plain name")
+        values = value if allow_lists and isinstance(value, list) and len(value) <= 8 else [value]
+        for v in values:
+            if not isinstance(v, (bool, int, float)) and v is not None:
+                raise ValueError(f"{what}.{key} must be a number or boolean, got {type(v).__name__}")
+            _finite(v, f"{what}.{key}")
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
+
+
+class MultiTaskNetSpec(_Spec):
+    model_config = ConfigDict(extra="allow", populate_by_name=True, allow_inf_nan=False)
+    target: Literal["fashion_lightning.models.multitask.MultiTaskNet"] = Field(MULTITASK_NET, alias="_target_")
+    backbone: ModelName = "resnet50"
+    pretrained: bool | Literal["offline"] = False
+    checkpoint_path: Annotated[str, Field(max_length=4096)] | None = None
+    input_size: tuple[Side, Side] = (224, 224)
+    embed_dim: Annotated[int, Field(ge=1, le=65536)] | None = None
+    dropout: Unit = 0.2
+    channels_last: bool = False
+
+    @model_validator(mode="after")
+    def _timm_kwargs(self) -> MultiTaskNetSpec:
+        _scalar_extras(self, "net")
+        return self
+
+
+class ClipFusionNetSpec(_Spec):
+    target: Literal["fashion_lightning.models.clip.ClipFusionNet"] = Field(CLIP_NET, alias="_target_")
+    model_name: HubName = "lite0-minilm"
+    pretrained: Annotated[str, Field(max_length=4096)] | None = "offline"
+    image_size: Side | tuple[Side, Side] | None = None
+    image_mean: tuple[float, float, float] | None = None
+    image_std: tuple[float, float, float] | None = None
+    lock_image: bool = False
+    lock_text: bool = False
+    unlock_last_n: Annotated[int, Field(ge=0, le=1000)] = 0
+    init_logit_scale: float | None = None
+    cache_dir: Annotated[str, Field(max_length=4096)] | None = None
+
+
+class OptimizerSpec(_Spec):
+    """A ``torch.optim`` class (or a registered one) with numeric kwargs, plus the param-group rules."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True, allow_inf_nan=False)
+    target: str = Field("torch.optim.AdamW", alias="_target_")
+    partial: bool = Field(True, alias="_partial_")
+    lr: Annotated[float, Field(gt=0.0, le=100.0)]
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    backbone_lr_ratio: Annotated[float, Field(ge=0.0)] | None = None
+    layer_decay: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    new_lr: Annotated[float, Field(gt=0.0)] | None = None
+
+    @field_validator("target")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        registry.optimizer_class(value)  # raises UnknownTargetError (a ValueError) with the known names
+        return value
+
+    @model_validator(mode="after")
+    def _kwargs(self) -> OptimizerSpec:
+        _scalar_extras(self, "optimizer", allow_lists=True)  # betas: [0.9, 0.999]
+        return self
+
+
+class SchedulerSpec(_Spec):
+    model_config = ConfigDict(extra="allow", populate_by_name=True, allow_inf_nan=False)
+    target: str = Field(registry.WARMUP_COSINE, alias="_target_")
+    partial: bool = Field(True, alias="_partial_")
+
+    @field_validator("target")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        registry.scheduler_factory(value)
+        return value
+
+    @model_validator(mode="after")
+    def _kwargs(self) -> SchedulerSpec:
+        _scalar_extras(self, "scheduler", allow_lists=True)
+        return self
+
+
+class EmaSpec(_Spec):
+    decay: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.999
+    warmup: Annotated[int, Field(ge=0)] = 10
+
+
+class MixupSpec(_Spec):
+    mixup_alpha: Annotated[float, Field(ge=0.0)] = 0.8
+    cutmix_alpha: Annotated[float, Field(ge=0.0)] = 1.0
+    prob: Unit = 1.0
+    switch_prob: Unit = 0.5
+
+
+Vocabs = dict[Identifier, Annotated[list[Label], Field(min_length=1, max_length=100_000)]]
+TaskWeights = dict[Identifier, Annotated[float, Field(ge=0.0)]]
+CompileOptions = bool | dict[Identifier, Scalar | Annotated[str, Field(pattern=r"^[A-Za-z0-9_\-]{0,64}$")] | None]
+
+
+class _ModuleSpec(_Spec):
+    vocabs: Vocabs
+    task_weights: TaskWeights | None = None
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    optimizer: OptimizerSpec | None = None
+    scheduler: SchedulerSpec | None = None
+    ema: Annotated[float, Field(gt=0.0, lt=1.0)] | EmaSpec | None = None
+    compile: CompileOptions = False
+
+
+class MultiTaskModuleSpec(_ModuleSpec):
+    net: MultiTaskNetSpec
+    freeze_backbone: bool = False
+    freeze_backbone_epochs: Annotated[int, Field(ge=0)] = 0
+    cache_frozen_features: bool = True
+    mixup: MixupSpec | None = None
+    flip_tta: bool = False
+
+
+class ClipFusionModuleSpec(_ModuleSpec):
+    net: ClipFusionNetSpec
+    mode: Literal["frozen", "finetune"] = "finetune"
+    alpha: Unit = 0.7
+    heads: bool = False
+    contrastive_weight: Annotated[float, Field(ge=0.0)] = 1.0
+    zero_shot_prompt: Text | dict[Identifier, Text] = "a photo of a {label}"
+    kagl: bool = True
+    kagl_max_queries: Annotated[int, Field(ge=1)] | None = 2000
+    channels_last: bool = False
+
+
+SPECS: dict[str, type[_ModuleSpec]] = {"multitask": MultiTaskModuleSpec, "clip": ClipFusionModuleSpec}
+
+
+class SpecError(ValueError):
+    """Saved hyperparameters that do not fit the family's typed config (message: first problem, one line)."""
+
+
+def validate_hparams(family: str, hparams: Any) -> dict[str, Any]:
+    """The family's hyperparameters checked and normalised (aliases ``_target_`` / ``_partial_`` kept)."""
+    spec = SPECS.get(family)
+    if spec is None:
+        raise SpecError(f"unknown model family {family!r} (known: {sorted(SPECS)})")
+    if not isinstance(hparams, dict):
+        raise SpecError(f"hyperparameters must be a mapping, got {type(hparams).__name__}")
+    try:
+        parsed = spec.model_validate(hparams)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "<root>"
+        message = str(first["msg"]).splitlines()[0][:300]
+        raise SpecError(f"hyperparameter {where}: {message}") from None
+    return parsed.model_dump(by_alias=True, exclude_unset=True, mode="python")
