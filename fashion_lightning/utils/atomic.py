@@ -43,7 +43,7 @@ def pid_alive(pid: int) -> bool:
 def remove_dead_temps(directory: str | os.PathLike[str]) -> list[Path]:
     """Delete the temporary files in ``directory`` that writers on this host left when they died."""
     pattern = re.compile(rf"{re.escape(TMP_PREFIX)}.+\.{re.escape(HOST)}-(\d+)\.[a-z0-9_]+")
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(os.scandir(directory))
     except OSError:
