@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -84,7 +84,9 @@ class ClipFusionModule(FashionModule):
         self.hparams["vocabs"] = self.vocabs.to_dict()
         for key, value in list(self.hparams.items()):  # plain containers: weights_only checkpoint loading
             self.hparams[key] = plain(value)
-        self.net: ClipFusionNet = net if isinstance(net, nn.Module) else registry.build_net(net_cfg)
+        self.net: ClipFusionNet = (
+            net if isinstance(net, nn.Module) else cast(ClipFusionNet, registry.build_net(net_cfg))
+        )
         self.preprocess = DeviceInput(
             input_size=self.net.image_size,
             mean=self.net.image_mean,

@@ -15,7 +15,7 @@ backbone in ``configure_model``, so loading a checkpoint for eval/index never co
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -67,7 +67,9 @@ class MultiTaskModule(FashionModule):
         self.hparams["net"] = None if isinstance(net, nn.Module) else net_cfg
         self.hparams["vocabs"] = self.vocabs.to_dict()
         self.net: MultiTaskNet = (
-            net if isinstance(net, nn.Module) else registry.build_net(net_cfg, num_classes=self.vocabs.num_classes)
+            net
+            if isinstance(net, nn.Module)
+            else cast(MultiTaskNet, registry.build_net(net_cfg, num_classes=self.vocabs.num_classes))
         )
         weights = fill_class_weights(self.vocabs.num_classes, class_weights)
         self.loss = MultiTaskLoss(self.vocabs.tasks, self.hparams.task_weights, weights, label_smoothing)

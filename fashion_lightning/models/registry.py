@@ -42,8 +42,8 @@ _NETS: dict[str, type[nn.Module]] = {}
 _MODULES: dict[str, type[FashionModule]] = {}  # family name -> class
 _MODULE_PATHS: dict[str, str] = {}  # class path a .ckpt records -> family name
 _OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = _torch_classes(torch.optim, torch.optim.Optimizer)
-_SCHEDULERS: dict[str, Callable[..., Any]] = _torch_classes(
-    torch.optim.lr_scheduler, torch.optim.lr_scheduler.LRScheduler
+_SCHEDULERS: dict[str, Callable[..., Any]] = dict(
+    _torch_classes(torch.optim.lr_scheduler, torch.optim.lr_scheduler.LRScheduler)
 )
 _builtins_loaded = False
 

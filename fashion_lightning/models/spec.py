@@ -19,8 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fashion_lightning.models import registry
 
-MULTITASK_NET = "fashion_lightning.models.multitask.MultiTaskNet"
-CLIP_NET = "fashion_lightning.models.clip.ClipFusionNet"
+MultiTaskNetName = Literal["fashion_lightning.models.multitask.MultiTaskNet"]
+ClipNetName = Literal["fashion_lightning.models.clip.ClipFusionNet"]
+MULTITASK_NET: MultiTaskNetName = "fashion_lightning.models.multitask.MultiTaskNet"
+CLIP_NET: ClipNetName = "fashion_lightning.models.clip.ClipFusionNet"
 
 Identifier = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
 ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")]  # timm / open_clip names, tags
@@ -61,7 +63,7 @@ class _Spec(BaseModel):
 
 class MultiTaskNetSpec(_Spec):
     model_config = ConfigDict(extra="allow", populate_by_name=True, allow_inf_nan=False)
-    target: Literal["fashion_lightning.models.multitask.MultiTaskNet"] = Field(MULTITASK_NET, alias="_target_")
+    target: MultiTaskNetName = Field(MULTITASK_NET, alias="_target_")
     backbone: ModelName = "resnet50"
     pretrained: bool | Literal["offline"] = False
     checkpoint_path: Annotated[str, Field(max_length=4096)] | None = None
@@ -77,7 +79,7 @@ class MultiTaskNetSpec(_Spec):
 
 
 class ClipFusionNetSpec(_Spec):
-    target: Literal["fashion_lightning.models.clip.ClipFusionNet"] = Field(CLIP_NET, alias="_target_")
+    target: ClipNetName = Field(CLIP_NET, alias="_target_")
     model_name: HubName = "lite0-minilm"
     pretrained: Annotated[str, Field(max_length=4096)] | None = "offline"
     image_size: Side | tuple[Side, Side] | None = None
