@@ -154,6 +154,51 @@ def test_ray_launcher_is_local_by_default_and_one_process_per_job(tmp_path):
     assert ray.remote.max_calls == 1 and ray.remote.num_gpus == 1
 
 
+@NEEDS_SUBMITIT
+@pytest.mark.parametrize("app", ["eval", "index", "eda"])
+def test_every_hydra_app_takes_the_launchers(tmp_path, app):
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module("fashion_lightning.conf", version_base="1.3"):
+        launcher = compose(app, overrides=["hydra/launcher=slurm"], return_hydra_config=True).hydra.launcher
+    assert launcher.tasks_per_node == 1 and launcher.gpus_per_node is None  # resolves with or without a trainer
+
+
+@NEEDS_SUBMITIT
+def test_a_parallel_launcher_fed_one_trial_at_a_time_warns(tmp_path, caplog):
+    from fashion_lightning.utils.hydra_callbacks import SweepSummary
+
+    def warned(overrides: list[str]) -> bool:
+        caplog.clear()
+        SweepSummary().on_multirun_start(_compose(tmp_path, ["hparams_search=multitask_optuna", *overrides]))
+        return "hydra.sweeper.n_jobs=1" in caplog.text
+
+    assert warned(["hydra/launcher=local"])
+    assert not warned(["hydra/launcher=local", "hydra.sweeper.n_jobs=2"])
+    assert not warned([])  # Hydra's basic launcher runs one job at a time anyway
+
+
+def test_sweep_summary_holds_failed_and_unfinished_jobs(tmp_path):
+    from omegaconf import OmegaConf
+
+    from fashion_lightning.utils.hydra_callbacks import SweepSummary
+
+    for job, left in (("0", "metrics.json"), ("1", "FAILED.rank1.txt"), ("2", None)):
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n")
+        if left == "metrics.json":
+            (tmp_path / job / left).write_text(json.dumps({"val/acc": 0.5, "job/id": "4240_0"}))
+        elif left:
+            (tmp_path / job / left).write_text("RuntimeError: NCCL timeout")
+    (tmp_path / ".submitit").mkdir()  # submitit's own folder is not a job
+    SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    rows = {r["job"]: r for r in csv.DictReader((tmp_path / "sweep_summary.csv").open())}
+    assert {job: r["status"] for job, r in rows.items()} == {"0": "done", "1": "failed", "2": "no result"}
+    assert rows["0"]["job/id"] == "4240_0" and rows["2"]["overrides"] == "seed=2"
+
+
 # -- task_wrapper on a rank > 0 ------------------------------------------------------------------
 @pytest.mark.parametrize("source", ["lightning", "srun environment"])
 def test_a_nonzero_rank_neither_claims_nor_writes_the_run_dir(tmp_path, cache_dir, monkeypatch, source):
