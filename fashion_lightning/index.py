@@ -26,6 +26,7 @@ from fashion_lightning.models.base import CheckpointError, FashionModule, load_m
 from fashion_lightning.retrieval.manifest import MODEL_DIR, IndexParams, model_record
 from fashion_lightning.retrieval.predict_writer import IndexPredictionWriter, completed_ids
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
+from fashion_lightning.utils.atomic import remove_dead_temps, temp_prefix
 from fashion_lightning.utils.config_check import one_line_errors
 from fashion_lightning.utils.task_wrapper import task_wrapper
 
@@ -83,7 +84,8 @@ def _place_model(module: FashionModule, source: Path, out_dir: Path) -> Path:
     if is_artifact(source):
         ours = artifact_identity(source)
     else:  # the artefact this .ckpt would give, written aside to compare its weights' sha256
-        with tempfile.TemporaryDirectory(prefix=".tmp-model-", dir=out_dir) as scratch:
+        remove_dead_temps(out_dir)  # a scratch copy a killed build left
+        with tempfile.TemporaryDirectory(prefix=temp_prefix(MODEL_DIR), dir=out_dir) as scratch:
             ours = artifact_identity(save_artifact(module, Path(scratch) / MODEL_DIR))
     if artifact_identity(target) != ours:
         raise CheckpointError(f"{target} holds another model than {source}; use a new index_dir")
