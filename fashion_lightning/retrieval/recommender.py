@@ -125,15 +125,20 @@ class Recommender:
         return self.by_history(history, k, filters, disliked=disliked or (), weights=weights, half_life=half_life)
 
     def by_images(
-        self, images: ImageLike | Sequence[ImageLike], k: int = 10, filters: Mapping[str, Any] | None = None
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        k: int = 10,
+        filters: Mapping[str, Any] | None = None,
+        decode: Callable[[bytes], np.ndarray] | None = None,
     ) -> RecommendationResult:
-        """Products like the photo(s); several photos are averaged into one query."""
+        """Products like the photo(s); several photos are averaged into one query (``decode``: bytes ->
+        native array, default the catalog's decoder)."""
         start = time.perf_counter()
         if isinstance(images, (str, Path, bytes, np.ndarray, Image.Image)):
             images = [images]
         if len(images) == 0:
             raise QueryError("no query image given")
-        natives, digests, labels = zip(*(decode_query_image(image, i) for i, image in enumerate(images)))
+        natives, digests, labels = zip(*(decode_query_image(image, i, decode) for i, image in enumerate(images)))
         batch = _to_tensor(np.stack(natives), self.encoder)
         embedded, predictions = _infer(_embed_and_predict, self.encoder, batch)
         vectors = self._checked(embedded, "image")
