@@ -11,13 +11,14 @@ import warnings
 from typing import cast
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from fashion_lightning.data.source import CatalogNotFoundError, CatalogSource
 from fashion_lightning.retrieval import Encoder, Recommender, RetrievalError
 from fashion_lightning.retrieval.queries import verified_model_path
-from fashion_lightning.serve.app import ServeSettings, create_app
+from fashion_lightning.serve.app import create_app
+from fashion_lightning.serve.limits import ServeSettings, SettingsError
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
 
 
@@ -25,6 +26,7 @@ def build(cfg: DictConfig):
     """The app for ``cfg``: verified index, catalog photos, and (unless told otherwise) the model."""
     from PIL import Image
 
+    settings = ServeSettings.from_cfg(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
     # a service refuses decompression bombs outright (PIL only warns between 1x and 2x its limit)
     warnings.simplefilter("error", Image.DecompressionBombWarning)
     _search_threads(cfg.search_threads)
@@ -46,10 +48,6 @@ def build(cfg: DictConfig):
             torch.set_num_threads(int(cfg.torch_threads))
         recommender.encoder  # noqa: B018  (loads it now, not on the first photo query)
         quiet_runtime()  # torch is imported now: its matmul precision applies
-    settings = ServeSettings(
-        max_k=int(cfg.max_k), default_k=int(cfg.default_k), max_upload_bytes=int(cfg.max_upload_mb * 1024 * 1024),
-        inference_workers=int(cfg.inference_workers),
-    )  # fmt: skip
     close = getattr(recommender._encoder, "close", None)  # worker processes end with the server
     return create_app(recommender, source.image_bytes if source else None, settings, on_shutdown=close)
 
@@ -73,7 +71,7 @@ def main(cfg: DictConfig) -> None:
     quiet_runtime()
     try:
         app = build(cfg)
-    except (RetrievalError, CatalogNotFoundError, FileNotFoundError) as err:
+    except (RetrievalError, CatalogNotFoundError, FileNotFoundError, SettingsError) as err:
         Console(stderr=True, soft_wrap=True).print(f"[bold red]fashion-serve:[/bold red] {err}")
         sys.exit(2)
     import uvicorn
