@@ -78,6 +78,25 @@ def shared_run_name(default: str, env: Mapping[str, str] | None = None) -> str:
     return default
 
 
+def slurm_incarnation(env: Mapping[str, str] | None = None) -> str | None:
+    """``<job>.<step>#<restarts>`` inside a SLURM job, else None. A requeued job keeps its id (and so its
+    run dir) and counts ``SLURM_RESTART_COUNT`` up: a claim from the same job and step with another
+    count was left by this job's earlier, dead run (SLURM runs one job id in one place at a time)."""
+    env = os.environ if env is None else env
+    job = env.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    return f"{job}.{env.get('SLURM_STEP_ID', '')}#{env.get('SLURM_RESTART_COUNT') or 0}"
+
+
+def earlier_incarnation(owner: Any, env: Mapping[str, str] | None = None) -> bool:
+    """Whether a claim's ``slurm`` record is this SLURM job's and step's, from before a requeue."""
+    mine = slurm_incarnation(env)
+    if not isinstance(owner, str) or mine is None or owner == mine:
+        return False
+    return owner.split("#", 1)[0] == mine.split("#", 1)[0]
+
+
 def rank_zero(value: Any) -> Any:
     """``${fl.rank_zero:.hydra}``: the value on rank 0, None on other ranks (``hydra.output_subdir``)."""
     return value if env_rank() == 0 else None

@@ -199,6 +199,29 @@ def test_sweep_summary_holds_failed_and_unfinished_jobs(tmp_path):
     assert rows["0"]["job/id"] == "4240_0" and rows["2"]["overrides"] == "seed=2"
 
 
+def test_a_requeued_slurm_job_takes_over_its_own_claim_from_another_node(tmp_path, monkeypatch):
+    from fashion_lightning.utils.run_dir import RunDirError
+
+    for key, value in {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_RESTART_COUNT": "1"}.items():
+        monkeypatch.setenv(key, value)
+
+    def claimed_over(slurm: str) -> bool:
+        (tmp_path / CLAIM_FILE).write_text(json.dumps({"app": "train", "host": "node-a", "pid": 77, "slurm": slurm}))
+        try:
+            claim = claim_run_dir(tmp_path, app="train")
+        except RunDirError as err:
+            assert "in use by train (pid 77 on node-a" in str(err)
+            return False
+        assert json.loads((tmp_path / CLAIM_FILE).read_text())["slurm"] == "4242.0#1"
+        claim.release()
+        return True
+
+    assert claimed_over("4242.0#0")  # this job before its requeue (killed with the node): dead
+    assert not claimed_over("4242.0#1")  # this very run on another node: live
+    assert not claimed_over("4242.1#0")  # another step of the job
+    assert not claimed_over("4243.0#0")  # another job
+
+
 # -- task_wrapper on a rank > 0 ------------------------------------------------------------------
 @pytest.mark.parametrize("source", ["lightning", "srun environment"])
 def test_a_nonzero_rank_neither_claims_nor_writes_the_run_dir(tmp_path, cache_dir, monkeypatch, source):
