@@ -180,23 +180,47 @@ def test_a_parallel_launcher_fed_one_trial_at_a_time_warns(tmp_path, caplog):
     assert not warned([])  # Hydra's basic launcher runs one job at a time anyway
 
 
+def _sweep_with_three_jobs(sweep: Path) -> None:
+    for job, left in (("0", "metrics.json"), ("1", "FAILED.rank1.txt"), ("2", None)):
+        (sweep / job / ".hydra").mkdir(parents=True)
+        (sweep / job / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n")
+        if left == "metrics.json":
+            (sweep / job / left).write_text(json.dumps({"val/acc": 0.5, "job/id": "4240_0"}))
+        elif left:
+            (sweep / job / left).write_text("RuntimeError: NCCL timeout")
+    (sweep / ".submitit").mkdir()  # submitit's own folder is not a job
+
+
 def test_sweep_summary_holds_failed_and_unfinished_jobs(tmp_path):
     from omegaconf import OmegaConf
 
     from fashion_lightning.utils.hydra_callbacks import SweepSummary
 
-    for job, left in (("0", "metrics.json"), ("1", "FAILED.rank1.txt"), ("2", None)):
-        (tmp_path / job / ".hydra").mkdir(parents=True)
-        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n")
-        if left == "metrics.json":
-            (tmp_path / job / left).write_text(json.dumps({"val/acc": 0.5, "job/id": "4240_0"}))
-        elif left:
-            (tmp_path / job / left).write_text("RuntimeError: NCCL timeout")
-    (tmp_path / ".submitit").mkdir()  # submitit's own folder is not a job
+    _sweep_with_three_jobs(tmp_path)
     SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
     rows = {r["job"]: r for r in csv.DictReader((tmp_path / "sweep_summary.csv").open())}
     assert {job: r["status"] for job, r in rows.items()} == {"0": "done", "1": "failed", "2": "no result"}
     assert rows["0"]["job/id"] == "4240_0" and rows["2"]["overrides"] == "seed=2"
+
+
+@pytest.mark.parametrize(("mode", "rank", "written"), [("MULTIRUN", "0", True), ("MULTIRUN", "1", False),
+                                                       ("RUN", "0", False)])  # fmt: skip
+def test_each_job_end_refreshes_the_summary_on_rank_zero(tmp_path, monkeypatch, mode, rank, written):
+    """A job that raises ends the sweep before on_multirun_end: the jobs' own refreshes leave a summary."""
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from fashion_lightning.utils.hydra_callbacks import SweepSummary
+
+    _sweep_with_three_jobs(tmp_path)
+    monkeypatch.setenv("SLURM_PROCID", rank)
+    for key in ("RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    config = OmegaConf.create({"hydra": {"mode": RunMode[mode], "sweep": {"dir": str(tmp_path)}}})
+    SweepSummary().on_job_end(config, job_return=None)
+    assert (tmp_path / "sweep_summary.csv").exists() == written
+    if written:
+        assert len(list(csv.DictReader((tmp_path / "sweep_summary.csv").open()))) == 3
 
 
 def test_a_requeued_slurm_job_takes_over_its_own_claim_from_another_node(tmp_path, monkeypatch):
@@ -250,13 +274,13 @@ def test_a_nonzero_rank_neither_claims_nor_writes_the_run_dir(tmp_path, cache_di
 
 
 # -- real multiruns --------------------------------------------------------------------------
-def _multirun(tmp_path: Path, args: list[str]) -> Path:
+def _multirun(tmp_path: Path, args: list[str], returncode: int = 0) -> Path:
     env = _clean_env(FASHION_LIGHTNING_CACHE=str(tmp_path / "cache"))
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "fashion_lightning.train", "-m", *args, *TINY, "tags=[launch]",
            f"hydra.sweep.dir={sweep}"]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == returncode, result.stderr[-4000:]
     return sweep
 
 
@@ -295,6 +319,17 @@ def test_optuna_trials_run_at_once_through_submitit_local(tmp_path):
     (a_start, a_end), (b_start, b_end) = (_log_span(sweep / job / "train.log") for job in ("0", "1"))
     assert a_start < b_end and b_start < a_end  # one batch of n_jobs=2: the trials overlapped in time
     assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 2
+
+
+@pytest.mark.slow
+@NEEDS_SUBMITIT
+def test_a_failing_job_ends_the_sweep_but_the_summary_holds_both_jobs(tmp_path):
+    """Hydra's sweepers stop at a failed job before on_multirun_end; the jobs' own refreshes leave the summary."""
+    sweep = _multirun(tmp_path, ["hydra/launcher=local", "model.optimizer.lr=0.01,-1.0"], returncode=1)
+    rows = {r["job"]: r for r in csv.DictReader((sweep / "sweep_summary.csv").open())}
+    assert {job: r["status"] for job, r in rows.items()} == {"0": "done", "1": "failed"}
+    assert "Invalid learning rate" in (sweep / "1" / "FAILED.txt").read_text()
+    assert rows["0"]["job/launcher"] == "submitit_local" and float(rows["0"]["val/acc/articleType"]) >= 0
 
 
 @pytest.mark.slow
