@@ -379,3 +379,22 @@ def test_ddp_ranks_started_like_srun_tasks_share_one_run_dir(tmp_path):
     assert (run / "train.log").exists() and (run / "train.rank1.log").exists()
     assert not (run / CLAIM_FILE).exists()  # released at the end
     assert not list(run.glob("FAILED*"))
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_share_one_run_dir(tmp_path):
+    """``torchrun --standalone --nproc-per-node=2 -m fashion_lightning.train trainer=ddp``: Lightning's
+    TorchElasticEnvironment, one run dir named by the rendezvous id, written by rank 0."""
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+            "-m", "fashion_lightning.train", "trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true",
+            "trainer.sync_batchnorm=false", "trainer.devices=2", f"paths.log_dir={tmp_path / 'out'}",
+            *TINY]  # fmt: skip
+    env = _clean_env(FASHION_LIGHTNING_CACHE=str(tmp_path / "cache"), PL_DISABLE_FORK="1")
+    done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    runs = list((tmp_path / "out" / "train" / "runs").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("torchrun-")
+    metrics = json.loads((runs[0] / "metrics.json").read_text())
+    assert metrics["job/launcher"] == "torchrun" and runs[0].name == f"torchrun-{metrics['job/id']}"
+    assert metrics["job/world_size"] == 2 and (runs[0] / "checkpoints" / "last.ckpt").exists()
+    assert (runs[0] / "train.rank1.log").exists() and (runs[0] / ".hydra" / "config.yaml").exists()
