@@ -3,9 +3,10 @@
 A plain ``shuffle=True`` draws its order from the global RNG when the loader's iterator is made;
 Lightning makes the first epoch's iterator of every launch early (before any epoch hook), so a
 run resumed at epoch N would shuffle from a different RNG state than the uninterrupted run did.
-:class:`EpochShuffleSampler` reads the epoch from a holder the :class:`~fashion_lightning.utils.epoch_seed.EpochSeed`
-callback sets before that happens, and passes the epoch's seed along with each index, so the
-dataset reseeds its augmentation once per epoch and worker (:meth:`FashionDataset.__getitem__`).
+:class:`EpochShuffleSampler` reads the epoch from a holder the
+:class:`~fashion_lightning.callbacks.epoch_seed.EpochSeed` callback sets before that happens, and passes the
+epoch's seed along with each index, so the dataset reseeds its augmentation once per epoch and worker
+(:meth:`FashionDataset.__getitem__`).
 """
 
 from __future__ import annotations

@@ -68,8 +68,11 @@ class Recommender:
         encoder_loader: Callable[[], Encoder] | None = None,
         verify: bool = True,
         allow_external_model: bool = False,
+        allow_qdrant_local: bool = False,
     ) -> Recommender:
-        index = load_index(path, verify=verify, allow_external_model=allow_external_model)
+        index = load_index(
+            path, verify=verify, allow_external_model=allow_external_model, allow_qdrant_local=allow_qdrant_local
+        )
         return cls(index, encoder, encoder_loader)
 
     @property
@@ -280,12 +283,18 @@ class Recommender:
             mask &= items[name].isin(wanted).to_numpy()
         if clean and not mask.any():
             raise QueryError(f"no item in the index matches all filters {clean}")
+        mask &= ~self._excluded(exclude_rows)
+        return (None if mask.all() else mask), clean
+
+    def _excluded(self, exclude_rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Mask of ``exclude_rows`` and every other row showing the same photo."""
+        excluded = np.zeros(self.index.n, dtype=bool)
         exclude = np.asarray(exclude_rows, dtype=np.int64)
         if len(exclude):
-            mask[exclude] = False
+            excluded[exclude] = True
             if self.groups is not None:
-                mask &= ~np.isin(self.groups, self.groups[exclude])
-        return (None if mask.all() else mask), clean
+                excluded |= np.isin(self.groups, self.groups[exclude])
+        return excluded
 
     def _example(self, name: str) -> str:
         values = self.index.items[name].astype(str)
@@ -317,7 +326,11 @@ class Recommender:
         k = check_k(k)
         allowed, clean = self.allowed_rows(filters, exclude_rows)
         t = time.perf_counter()
-        scores, rows = self._search(query, k, allowed, bool(clean))
+        if self.index.payload_filters:  # the backend filters on its own payload (Qdrant): no row mask
+            excluded = np.flatnonzero(self._excluded(exclude_rows))
+            scores, rows = self.index.search_where(query, k, clean, excluded, self.groups)
+        else:
+            scores, rows = self._search(query, k, allowed, bool(clean))
         timings["search_ms"] = _ms(t)
         t = time.perf_counter()
         parts = self._score_parts(query, rows)
@@ -330,7 +343,9 @@ class Recommender:
         timings["explain_ms"] = _ms(t)
         timings["total_ms"] = _ms(start)
         description.update(k=int(k), filters=clean, index=str(self.index.path))
-        return RecommendationResult(description, results, {key: round(v, 3) for key, v in timings.items()})
+        answered: dict[str, Any] = {key: round(v, 3) for key, v in timings.items()}
+        answered["index_version"] = self.index.version  # which index answered (fashion-serve reloads)
+        return RecommendationResult(description, results, answered)
 
     def _search(
         self, query: np.ndarray, k: int, allowed: np.ndarray | None, filtered: bool

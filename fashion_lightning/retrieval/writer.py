@@ -128,6 +128,7 @@ class IndexWriter:
         self._files.callback(self._items_fh.close)
         self._exact_fh = None
         self._exact_path = self.out_dir / f".{EXACT_FILE}.partial"
+        self._exact_path.unlink(missing_ok=True)  # a killed build's spill (the run-dir claim makes this folder ours)
         if self.params.type in IVF_TYPES:
             self._exact_fh = open(self._exact_path, "wb")  # noqa: SIM115 - appended to by every add()
 

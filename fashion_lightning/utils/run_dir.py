@@ -11,7 +11,7 @@ runs doing that at once still end with one owner. The app releases its claim whe
 
 Resuming continues in the checkpoint's own run dir (:func:`run_dir_of`), so Lightning's
 ModelCheckpoint keeps its best-model tracking (it resets it when the dir changes); see
-:mod:`fashion_lightning.utils.epoch_seed` for why the resumed run then equals the uninterrupted one.
+:mod:`fashion_lightning.callbacks.epoch_seed` for why the resumed run then equals the uninterrupted one.
 Imports nothing heavy: every app's task wrapper calls :func:`claim_run_dir`.
 """
 
