@@ -25,7 +25,7 @@ from fashion_lightning.models.artifact import artifact_identity, copy_artifact, 
 from fashion_lightning.models.base import CheckpointError, FashionModule, load_module
 from fashion_lightning.retrieval.manifest import MODEL_DIR, IndexParams, model_record
 from fashion_lightning.retrieval.predict_writer import IndexPredictionWriter, completed_ids
-from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
+from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log
 from fashion_lightning.utils.config_check import one_line_errors
 from fashion_lightning.utils.task_wrapper import task_wrapper
 
@@ -92,7 +92,6 @@ def _place_model(module: FashionModule, source: Path, out_dir: Path) -> Path:
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="index")
 def main(cfg: DictConfig) -> None:
-    quiet_runtime()
     with one_line_errors(CheckpointError, FileNotFoundError):
         build(cfg)
 

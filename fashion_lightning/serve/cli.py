@@ -18,7 +18,9 @@ from fashion_lightning.data.source import CatalogNotFoundError, CatalogSource
 from fashion_lightning.retrieval import Encoder, Recommender, RetrievalError
 from fashion_lightning.retrieval.queries import verified_model_path
 from fashion_lightning.serve.app import ServeSettings, create_app
-from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
+from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log
+from fashion_lightning.utils.config_check import ConfigError
+from fashion_lightning.utils.runtime import apply_runtime
 
 
 def build(cfg: DictConfig):
@@ -45,7 +47,6 @@ def build(cfg: DictConfig):
 
             torch.set_num_threads(int(cfg.torch_threads))
         recommender.encoder  # noqa: B018  (loads it now, not on the first photo query)
-        quiet_runtime()  # torch is imported now: its matmul precision applies
     settings = ServeSettings(
         max_k=int(cfg.max_k), default_k=int(cfg.default_k), max_upload_bytes=int(cfg.max_upload_mb * 1024 * 1024),
         inference_workers=int(cfg.inference_workers),
@@ -70,10 +71,10 @@ def _search_threads(n: int | None) -> None:
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="serve")
 def main(cfg: DictConfig) -> None:
-    quiet_runtime()
     try:
+        apply_runtime(cfg.runtime)  # process-wide settings, once (conf/runtime/)
         app = build(cfg)
-    except (RetrievalError, CatalogNotFoundError, FileNotFoundError) as err:
+    except (ConfigError, RetrievalError, CatalogNotFoundError, FileNotFoundError) as err:
         Console(stderr=True, soft_wrap=True).print(f"[bold red]fashion-serve:[/bold red] {err}")
         sys.exit(2)
     import uvicorn
