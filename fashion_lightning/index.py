@@ -62,7 +62,7 @@ from fashion_lightning.retrieval.update import (
     with_content_hash,
 )
 from fashion_lightning.retrieval.writer import IndexWriter
-from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
+from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log
 from fashion_lightning.utils.atomic import atomic_dir, atomic_write_text, remove_dead_temps, temp_prefix
 from fashion_lightning.utils.config_check import ConfigError, one_line_errors
 from fashion_lightning.utils.task_wrapper import task_wrapper
@@ -238,7 +238,6 @@ def _place_model(module: FashionModule, source: Path, out_dir: Path) -> Path:
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="index")
 def main(cfg: DictConfig) -> None:
-    quiet_runtime()
     with one_line_errors(CheckpointError, FileNotFoundError, RetrievalError):
         build(cfg)
 

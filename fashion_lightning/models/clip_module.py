@@ -18,6 +18,7 @@ adds zero-shot accuracy per task and Marqo's KAGL retrieval benchmark.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
@@ -237,10 +238,23 @@ class ClipFusionModule(FashionModule):
         return self
 
     def on_fit_start(self) -> None:
-        # locked towers are in eval mode on purpose (see ClipFusionNet.train); Lightning warns about it
+        # locked towers are in eval mode on purpose (see ClipFusionNet.train); Lightning warns about it between
+        # this hook and on_train_start: that one message is silenced for that span only, then the filters are
+        # restored (in on_train_start, or teardown when fit ends before training starts)
+        self._fit_warnings = contextlib.ExitStack()
+        self._fit_warnings.enter_context(warnings.catch_warnings())
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
+    def _restore_warnings(self) -> None:
+        stack = self.__dict__.pop("_fit_warnings", None)
+        if stack is not None:
+            stack.close()
+
+    def teardown(self, stage: str) -> None:
+        self._restore_warnings()
+
     def on_train_start(self) -> None:
+        self._restore_warnings()
         self.train()  # Lightning keeps modules' modes as found; apply the frozen-part rules above
         self._text_cache.clear()
 

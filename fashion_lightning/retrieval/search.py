@@ -43,6 +43,7 @@ from fashion_lightning.retrieval.manifest import (
     sha256_file,
     verified_model,
 )
+from fashion_lightning.utils import runtime
 
 # FAISS switches its exhaustive search (flat indexes, IVF coarse assignment, k-means) from a per-query SIMD
 # loop to BLAS at ``distance_compute_blas_threshold`` (faiss >= 1.15: compared with nq * d; older: with nq).
@@ -57,10 +58,18 @@ MMAP_MIN_BYTES = 64 << 20
 
 
 @functools.cache
-def _use_blas_for_small_batches() -> int:
-    """Set faiss's BLAS switch-over once per process (a global knob: every index shares it)."""
-    product_rule = SHIPPED_BLAS_THRESHOLD > 1000  # shipped 128000 (nq * d rule) vs 20 (nq rule)
-    threshold = BLAS_THRESHOLD_NQ_TIMES_D if product_rule else BLAS_THRESHOLD_NQ_LEGACY
+def set_blas_threshold() -> int:
+    """Set faiss's BLAS switch-over, once per process: the one place that writes this global knob (every
+    index shares it). The value is the app's ``runtime.faiss_blas_threshold`` (``conf/runtime/``): ``auto``
+    is ours above, ``null`` FAISS's shipped value, an int that value."""
+    setting = runtime.current().faiss_blas_threshold
+    if setting is None:
+        threshold = SHIPPED_BLAS_THRESHOLD
+    elif setting == "auto":
+        product_rule = SHIPPED_BLAS_THRESHOLD > 1000  # shipped 128000 (nq * d rule) vs 20 (nq rule)
+        threshold = BLAS_THRESHOLD_NQ_TIMES_D if product_rule else BLAS_THRESHOLD_NQ_LEGACY
+    else:
+        threshold = int(setting)
     faiss.cvar.distance_compute_blas_threshold = threshold
     return threshold
 
@@ -75,7 +84,7 @@ def configure_threads(num_threads: int | None = None) -> int:
         num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     n = max(1, int(num_threads))
     faiss.omp_set_num_threads(n)
-    _use_blas_for_small_batches()
+    set_blas_threshold()
     return n
 
 

@@ -23,7 +23,9 @@ from fashion_lightning.retrieval import Encoder, Recommender, RetrievalError
 from fashion_lightning.retrieval.queries import verified_model_path
 from fashion_lightning.serve.app import create_app
 from fashion_lightning.serve.limits import ServeSettings, SettingsError
-from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
+from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log
+from fashion_lightning.utils.config_check import ConfigError
+from fashion_lightning.utils.runtime import apply_runtime
 
 
 def build(cfg: DictConfig):
@@ -51,7 +53,6 @@ def build(cfg: DictConfig):
 
             torch.set_num_threads(int(cfg.torch_threads))
         recommender.encoder  # noqa: B018  (loads it now, not on the first photo query)
-        quiet_runtime()  # torch is imported now: its matmul precision applies
     close = getattr(recommender._encoder, "close", None)  # worker processes end with the server
     try:
         app = create_app(recommender, source.image_bytes if source else None, settings, on_shutdown=close)
@@ -103,13 +104,13 @@ def _search_threads(n: int | None) -> None:
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="serve")
 def main(cfg: DictConfig) -> None:
-    quiet_runtime()
     sock = None
     try:
+        apply_runtime(cfg.runtime)  # process-wide settings, once (conf/runtime/)
         settings = ServeSettings.from_cfg(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
         sock = bind(str(cfg.host), int(cfg.port))  # before the model loads
         app = build(cfg)
-    except (RetrievalError, CatalogNotFoundError, FileNotFoundError, SettingsError, PortError) as err:
+    except (ConfigError, RetrievalError, CatalogNotFoundError, FileNotFoundError, SettingsError, PortError) as err:
         if sock is not None:
             sock.close()
         Console(stderr=True, soft_wrap=True).print(f"[bold red]fashion-serve:[/bold red] {err}")
