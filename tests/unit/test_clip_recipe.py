@@ -314,3 +314,32 @@ def test_tiny_recipe_run_learns() -> None:
     assert after[0] >= 0.6 and after[0] - before[0] >= 0.4, (before, after)
     assert after[1] >= 0.7, (before, after)  # fused neighbours share the article type (chance 5/23)
     assert module.gate is not None and "gate.mlp.0.weight" in module.state_dict()
+
+
+def test_evaluation_callback_reports_background_robustness(tmp_path, synthetic_dm_kwargs: dict) -> None:
+    from fashion_lightning.data.datamodule import FashionDataModule
+    from fashion_lightning.evaluation.callback import EvaluationCallback
+
+    dm = FashionDataModule(**synthetic_dm_kwargs)
+    dm.setup("test")
+    torch.manual_seed(0)
+    module = ClipFusionModule(TINY, dm.vocabs, mode="frozen", kagl=False)
+    callback = EvaluationCallback(output_dir=str(tmp_path), confusion_tasks=[], pca_attributes=[],
+                                  background_queries=12)  # fmt: skip
+    trainer(callbacks=[callback]).test(module, datamodule=dm)
+    results = callback.results
+    for key in ("plain/top1", "plain/top5", "plain/same_type_p@5", "busy/top1", "drop/top1"):
+        assert 0.0 <= results[f"test/background/{key}"] <= 1.0 or key.startswith("drop"), key
+    assert results["test/background/plain/top5"] >= results["test/background/plain/top1"]
+
+
+def test_bench_backgrounds_refuses_a_missing_model(tmp_path, capsys) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_backgrounds", "scripts/bench_backgrounds.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--model", str(tmp_path / "nope")])
+    assert exit_info.value.code == 2 and "no such file" in capsys.readouterr().err
