@@ -95,6 +95,7 @@ def load_index(
     columns: list[str] | None = None,
     allow_external_model: bool = False,
     allow_qdrant_local: bool = False,
+    reuse_qdrant: Any = None,
 ) -> LoadedIndex:
     """Open an index folder, refusing anything that does not match its manifest.
 
@@ -105,7 +106,8 @@ def load_index(
     only these item columns (plus ``id``) from ``items.csv``, for catalogs of millions of rows.
     ``allow_external_model``: trust a model the manifest names outside the folder (refused by default).
     A Qdrant-backed folder answers from its collection (``retrieval.qdrant``); ``allow_qdrant_local``
-    trusts a local-mode storage folder (read with pickle by qdrant-client).
+    trusts a local-mode storage folder (read with pickle by qdrant-client); ``reuse_qdrant``: a running
+    index's ``QdrantStore`` whose client is reused if it talks to the same place (local mode admits one client).
     """
     root = Path(path)
     manifest = read_manifest(root, verify, allow_external_model)
@@ -116,7 +118,7 @@ def load_index(
         items = read_items(root / manifest.items.get("file", ITEMS_FILE), manifest, columns)
         parts = read_parts(root / PARTS_FILE, manifest) if manifest.parts else {}
         base = LoadedIndex(root, manifest, cast(Any, None), items, parts, None, allow_external_model, version)
-        return open_qdrant_index(base, allow_qdrant_local)
+        return open_qdrant_index(base, allow_qdrant_local, reuse_qdrant)
     kind = manifest.index.get("type", "flat")
     vectors_path = root / VECTORS_FILE
     if mmap is None:  # flat scans read every page: mapped 4 KiB file pages measured ~4x slower than RAM
@@ -315,6 +317,9 @@ class LoadedIndex:
                 cand = np.flatnonzero(allowed) if allowed is not None else np.arange(self.n)
                 return self._score_rows(query[0], cand, k, groups)
             fetch = min(n_allowed, fetch * 4)
+
+    def close(self) -> None:
+        """Release what the backend holds open (a Qdrant client; nothing for a FAISS folder)."""
 
     def search_where(
         self,
