@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from fashion_lightning.models.base import CheckpointError, load_module
-from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
+from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log
 from fashion_lightning.utils.cluster import job_record
 from fashion_lightning.utils.config_check import one_line_errors
 from fashion_lightning.utils.instantiate import instantiate_callbacks, instantiate_loggers
@@ -62,7 +62,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    quiet_runtime()
     with one_line_errors(CheckpointError, FileNotFoundError):
         evaluate(cfg)
 

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fashion_lightning.models.artifact import ARTIFACT_DIR, save_artifact
 from fashion_lightning.models.base import CheckpointError, FashionModule, load_module, read_checkpoint
-from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
+from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log
 from fashion_lightning.utils.cluster import job_record
 from fashion_lightning.utils.config_check import one_line_errors
 from fashion_lightning.utils.instantiate import instantiate_callbacks, instantiate_loggers
@@ -89,7 +89,6 @@ def _best_checkpoint(trainer: L.Trainer) -> str:
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    quiet_runtime()
     with one_line_errors(CheckpointError, FileNotFoundError):
         metrics = train(cfg)
     metric = cfg.get("optimized_metric")

@@ -4,6 +4,8 @@
 
 * checks the config first (:func:`~fashion_lightning.utils.config_check.check_config`: missing
   values, wrong types), so a bad command line fails before anything is written or loaded;
+* applies the process-wide settings of ``cfg.runtime`` once (:func:`~fashion_lightning.utils.runtime.apply_runtime`:
+  allocator, matmul precision, threads, warning filters);
 * then runs :func:`extras`: the resolved config tree saved as ``config_tree.txt`` in the run dir
   (and printed with rich), tags enforced, warnings silenced on request;
 * on failure, logs the exception and the run dir, and writes ``FAILED.txt`` (exception + traceback)
@@ -37,6 +39,7 @@ from fashion_lightning.utils.atomic import atomic_write_text
 from fashion_lightning.utils.cluster import env_rank
 from fashion_lightning.utils.config_check import check_config
 from fashion_lightning.utils.run_dir import claim_run_dir
+from fashion_lightning.utils.runtime import apply_runtime
 
 log = logging.getLogger("fashion_lightning")
 
@@ -74,6 +77,8 @@ def task_wrapper(task: Callable[..., R]) -> Callable[..., R]:
     @functools.wraps(task)
     def wrapped(cfg: DictConfig, *args: Any, **kwargs: Any) -> R:
         check_config(cfg)  # before the try: a config error has no run to mark as failed
+        if cfg.get("runtime") is not None:  # process-wide settings: here, once, for every app
+            apply_runtime(cfg.runtime)
         out = _output_dir(cfg)
         claim = None
         if out is not None and _rank() == 0:  # nor a run dir another run holds: nothing is written into it
