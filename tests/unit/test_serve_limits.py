@@ -276,6 +276,18 @@ def test_security_headers_on_every_answer(client):
     assert "<script>" not in page and " style=" not in page and " onclick=" not in page
 
 
+def test_even_a_bug_answers_one_line_with_the_headers(index_dir):
+    class Broken(FakeEncoder):
+        def embed_texts(self, texts):
+            raise RuntimeError("a bug <object at 0x1234>")
+
+    app = create_app(Recommender.from_dir(index_dir, encoder=Broken()), None, LIMITS)
+    response = TestClient(app, raise_server_exceptions=False).post("/recommend", json={"text": "red shirt"})
+    assert response.status_code == 500 and "internal error" in _detail(response) and "0x1234" not in response.text
+    assert response.headers["x-content-type-options"] == "nosniff" and "frame-ancestors" in response.headers[
+        "content-security-policy"]  # fmt: skip
+
+
 def test_settings_from_the_config_refuse_typos_and_bad_ranges():
     cfg = {"max_k": 30, "default_k": 5, "max_upload_mb": 1, "inference_workers": 2, "limits": {"max_history": 10}}
     settings = ServeSettings.from_cfg(cfg)
