@@ -29,6 +29,9 @@ TOO_LARGE = "image_too_large (decompression bomb)"
 # bytes a decode may hold per decoded pixel: PIL keeps RGB as 4 bytes, plus a conversion copy (mode,
 # alpha flattening) and the pre-shrink; what a decode reserves from a :class:`DecodeBudget`
 DECODE_BYTES_PER_PIXEL = 16
+# what a query photo may be: raster formats PIL decodes itself (not EPS / PDF, which hand the bytes to
+# Ghostscript, nor the exotic plugins nobody uploads)
+PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MPO (phone photos)
 TRIM_BYTES = 64 * 1024 * 1024  # a decode reserving this much returns freed memory to the OS afterwards
 
 
@@ -160,8 +163,8 @@ def decode_native(
     """
     h, w = size_hw
     try:
-        img: Image.Image = Image.open(io.BytesIO(data))
-        if img.format == "JPEG":
+        img: Image.Image = Image.open(io.BytesIO(data), formats=PHOTO_FORMATS)
+        if img.format in ("JPEG", "MPO"):
             img.draft("RGB", (2 * w, 2 * h))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageDecodeError(f"image too large to decode safely ({err})", TOO_LARGE) from err

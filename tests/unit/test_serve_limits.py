@@ -189,6 +189,17 @@ def test_jpeg_draft_decodes_only_what_the_model_needs(monkeypatch):
     assert np.array_equal(decode_native(small), to_native(small))  # catalog-sized photos: identical
 
 
+def test_only_raster_photo_formats_are_opened(client):
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 60 80\nshowpage\n"  # PIL would run Ghostscript on it
+    response = client.post("/recommend/image", files={"photo": ("x.eps", eps, "application/postscript")})
+    assert response.status_code == 422 and "not a decodable image" in _detail(response)
+    for fmt in ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"):
+        buffer = io.BytesIO()
+        Image.new("RGB", (60, 80), (200, 10, 10)).save(buffer, format=fmt)
+        response = client.post("/recommend/image", files={"photo": (f"x.{fmt.lower()}", buffer.getvalue())})
+        assert response.status_code == 200, (fmt, response.text)
+
+
 def test_decode_budget_bounds_bytes_in_flight(client):
     """Four concurrent near-limit photos: their reservations never add up past the budget."""
     app_budget = _budget_of(client)
