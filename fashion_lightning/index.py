@@ -62,7 +62,7 @@ from fashion_lightning.retrieval.update import (
     with_content_hash,
 )
 from fashion_lightning.retrieval.writer import IndexWriter
-from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
+from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log
 from fashion_lightning.utils.atomic import atomic_dir, atomic_write_text, remove_dead_temps, temp_prefix
 from fashion_lightning.utils.config_check import ConfigError, one_line_errors
 from fashion_lightning.utils.task_wrapper import task_wrapper
@@ -81,6 +81,8 @@ def build(cfg: DictConfig) -> Path:
     out_dir = Path(cfg.index_dir or Path(cfg.paths.output_dir) / "index")
     if update_from:
         return update(cfg, Path(update_from).expanduser(), out_dir, qdrant_cfg)
+    if not cfg.ckpt_path:
+        raise ConfigError("missing value for ckpt_path: set it on the command line, e.g. ckpt_path=<run>/model")
     source = Path(cfg.ckpt_path).expanduser().resolve()
     module = load_module(source)
     target = QdrantTarget(**qdrant_cfg) if backend == "qdrant" else None
@@ -118,6 +120,8 @@ def build(cfg: DictConfig) -> Path:
         writer.merge()
     else:
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
+    if store is not None:
+        store.client.close()  # local mode: releases the folder's lock for the next client
     if trainer.is_global_zero:
         m = writer.manifest
         assert m is not None  # rank 0's on_predict_end / merge() wrote it
@@ -141,7 +145,7 @@ def update(cfg: DictConfig, parent_dir: Path, out_dir: Path, qdrant_cfg: dict[st
     parent_model = verified_model(parent.model, parent_dir)
     if parent_model is None or not parent_model.exists():
         raise UpdateError(f"{parent_dir}: the model that built it is not in the folder; do a full build")
-    given = None if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path else Path(cfg.ckpt_path)
+    given = Path(cfg.ckpt_path) if cfg.ckpt_path else None
     identity = check_same_model(parent, _identity_of(given.expanduser().resolve()) if given else None, parent_dir)
     if check_same_model(parent, _identity_of(parent_model), parent_dir) != identity:  # the folder's own copy
         raise UpdateError(f"{parent_model} does not hold the model {parent_dir}'s manifest names")
@@ -158,47 +162,51 @@ def update(cfg: DictConfig, parent_dir: Path, out_dir: Path, qdrant_cfg: dict[st
         store = QdrantStore(connect(target), target, parent.dim, identity).ensure(create=False)
     elif parent.index.get("type") == "ivfpq" and "vectors.f32" not in parent.files:
         raise UpdateError(f"{parent_dir} is IVF-PQ without exact vectors (index.rerank=0): do a full build")
-    module = load_module(parent_model)
-    datamodule = instantiate(cfg.data, vocabs=module.vocabs.to_dict(), tasks=module.vocabs.tasks)
-    datamodule.setup("predict")
-    frame = with_content_hash(datamodule.predict_frame.drop(columns=["cache_row"], errors="ignore"))
-    old = load_index(parent_dir, allow_qdrant_local=True) if store is None else None  # FAISS: its vectors
-    parent_items = old.items if old is not None else read_items(parent_dir / "items.csv", parent)
-    diff = diff_catalog(frame, parent_items)
-    log.info("update from %s: %s", parent_dir, diff.summary())
-    collector = EmbeddingCollector()
-    if len(diff.todo):
-        split = datamodule.hparams.split
-        datamodule.datasets[split] = Subset(datamodule.datasets[split], diff.todo.tolist())
-        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[collector])
-        trainer.predict(module, datamodule=datamodule, return_predictions=False)
-    new = collector.by_id(frame["id"].to_numpy()[diff.todo])
-    parts = old.parts if old is not None else (read_parts(parent_dir / PARTS_FILE, parent) if parent.parts else {})
-    record = parent_record(parent_dir, parent)
-    with atomic_dir(out_dir, prefix=".updating-") as tmp:
-        model_info = {**parent.model, **model_record(copy_artifact(parent_model, tmp / MODEL_DIR), tmp)}
-        model_info["catalog"] = str(datamodule.catalog.source.root)
-        if store is not None:  # in place: upsert the embedded items, delete the retired ones, then the folder
-            if len(diff.todo):
-                vectors = np.array(new["embedding"], dtype=np.float32)
-                faiss.normalize_L2(vectors)
-                todo = frame.iloc[diff.todo].reset_index(drop=True)
-                store.upsert(todo["id"].to_numpy(), vectors, payloads(todo, identity))
-            store.delete(diff.retired)
-            folder = FolderItems(tmp)
-            for _, meta, extra in merged_rows(frame, diff, new, None, parts, parent.dim):
-                folder.add(meta, extra or None)
-            manifest = folder.finalize(parent.dim, dict(parent.index), model_info, parent=record)
-        else:
-            assert old is not None
-            params = IndexParams.from_record(parent.index)
-            with IndexWriter(tmp, model_info, params, normalize=False, expected_count=len(frame)) as fw:
-                for unit, meta, extra in merged_rows(frame, diff, new, old.vectors, parts, parent.dim):
-                    assert unit is not None  # FAISS: every vector comes out (the parent's or a new one)
-                    fw.add(unit, meta, extra or None)
-                manifest = fw.finalize()
-            manifest.normalized, manifest.parent = parent.normalized, record
-            atomic_write_text(tmp / MANIFEST_FILE, json.dumps(manifest.to_dict(), indent=2) + "\n")
+    try:
+        module = load_module(parent_model)
+        datamodule = instantiate(cfg.data, vocabs=module.vocabs.to_dict(), tasks=module.vocabs.tasks)
+        datamodule.setup("predict")
+        frame = with_content_hash(datamodule.predict_frame.drop(columns=["cache_row"], errors="ignore"))
+        old = load_index(parent_dir, allow_qdrant_local=True) if store is None else None  # FAISS: its vectors
+        parent_items = old.items if old is not None else read_items(parent_dir / "items.csv", parent)
+        diff = diff_catalog(frame, parent_items)
+        log.info("update from %s: %s", parent_dir, diff.summary())
+        collector = EmbeddingCollector()
+        if len(diff.todo):
+            split = datamodule.hparams.split
+            datamodule.datasets[split] = Subset(datamodule.datasets[split], diff.todo.tolist())
+            trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[collector])
+            trainer.predict(module, datamodule=datamodule, return_predictions=False)
+        new = collector.by_id(frame["id"].to_numpy()[diff.todo])
+        parts = old.parts if old is not None else (read_parts(parent_dir / PARTS_FILE, parent) if parent.parts else {})
+        record = {**parent_record(parent_dir, parent), "embedded": len(diff.todo), "retired": len(diff.retired)}
+        with atomic_dir(out_dir, prefix=".updating-") as tmp:
+            model_info = {**parent.model, **model_record(copy_artifact(parent_model, tmp / MODEL_DIR), tmp)}
+            model_info["catalog"] = str(datamodule.catalog.source.root)
+            if store is not None:  # in place: upsert the embedded items, delete the retired ones, then the folder
+                if len(diff.todo):
+                    vectors = np.array(new["embedding"], dtype=np.float32)
+                    faiss.normalize_L2(vectors)
+                    todo = frame.iloc[diff.todo].reset_index(drop=True)
+                    store.upsert(todo["id"].to_numpy(), vectors, payloads(todo, identity))
+                store.delete(diff.retired)
+                folder = FolderItems(tmp)
+                for _, meta, extra in merged_rows(frame, diff, new, None, parts, parent.dim):
+                    folder.add(meta, extra or None)
+                manifest = folder.finalize(parent.dim, dict(parent.index), model_info, parent=record)
+            else:
+                assert old is not None
+                params = IndexParams.from_record(parent.index)
+                with IndexWriter(tmp, model_info, params, normalize=False, expected_count=len(frame)) as fw:
+                    for unit, meta, extra in merged_rows(frame, diff, new, old.vectors, parts, parent.dim):
+                        assert unit is not None  # FAISS: every vector comes out (the parent's or a new one)
+                        fw.add(unit, meta, extra or None)
+                    manifest = fw.finalize()
+                manifest.normalized, manifest.parent = parent.normalized, record
+                atomic_write_text(tmp / MANIFEST_FILE, json.dumps(manifest.to_dict(), indent=2) + "\n")
+    finally:
+        if store is not None:
+            store.client.close()  # local mode: releases the folder's lock
     Console().print(f"[bold]index[/bold] {out_dir}: {manifest.count} items from {parent_dir} ({diff.summary()})")
     return out_dir
 
@@ -238,7 +246,6 @@ def _place_model(module: FashionModule, source: Path, out_dir: Path) -> Path:
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="index")
 def main(cfg: DictConfig) -> None:
-    quiet_runtime()
     with one_line_errors(CheckpointError, FileNotFoundError, RetrievalError):
         build(cfg)
 

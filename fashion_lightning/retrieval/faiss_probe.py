@@ -75,6 +75,8 @@ def check_structure(index, kind: str, dim: int, count: int) -> None:  # noqa: AN
         if ivf.quantizer.ntotal != ivf.nlist or ivf.quantizer.d != dim:
             raise ValueError(f"coarse quantizer holds {ivf.quantizer.ntotal} centroids for {ivf.nlist} lists")
         lists = ivf.invlists
+        if lists is None:
+            raise ValueError("IVF index without inverted lists")
         total = 0
         for number in range(ivf.nlist):
             size = lists.list_size(number)

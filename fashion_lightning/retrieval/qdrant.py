@@ -280,6 +280,9 @@ class QdrantIndex(LoadedIndex):
         self.kind = "qdrant"
         self.exact = store.target.exact
 
+    def close(self) -> None:
+        self.store.client.close()
+
     def vectors(self, rows: np.ndarray | None = None) -> np.ndarray:
         rows = np.arange(self.n) if rows is None else np.asarray(rows, dtype=np.int64)
         from fashion_lightning.retrieval.queries import UnknownItemError
@@ -324,7 +327,7 @@ class QdrantIndex(LoadedIndex):
             fetch *= 4
 
 
-def open_qdrant_index(base: LoadedIndex, allow_local: bool) -> QdrantIndex:
+def open_qdrant_index(base: LoadedIndex, allow_local: bool, reuse: QdrantStore | None = None) -> QdrantIndex:
     """The folder's collection, connected and checked against the manifest's dimension and model."""
     manifest = base.manifest
     target = QdrantTarget.from_record(manifest.index)
@@ -335,7 +338,9 @@ def open_qdrant_index(base: LoadedIndex, allow_local: bool) -> QdrantIndex:
             "serve from a Qdrant server (index.qdrant.url)"
         )
     identity = str(manifest.model.get("model_identity", ""))
-    store = QdrantStore(connect(target), target, manifest.dim, identity).ensure(create=False)
+    same = reuse is not None and (reuse.target.url, reuse.target.path) == (target.url, target.path)
+    client = reuse.client if same and reuse is not None else connect(target)
+    store = QdrantStore(client, target, manifest.dim, identity).ensure(create=False)
     return QdrantIndex(base, store)
 
 

@@ -75,6 +75,12 @@ class Recommender:
         )
         return cls(index, encoder, encoder_loader)
 
+    def __enter__(self) -> Recommender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.index.close()  # a Qdrant client (local mode locks its folder while open)
+
     @property
     def encoder(self) -> Encoder:
         if self._encoder is None:

@@ -43,6 +43,7 @@ from fashion_lightning.retrieval.manifest import (
     sha256_file,
     verified_model,
 )
+from fashion_lightning.utils import runtime
 
 # FAISS switches its exhaustive search (flat indexes, IVF coarse assignment, k-means) from a per-query SIMD
 # loop to BLAS at ``distance_compute_blas_threshold`` (faiss >= 1.15: compared with nq * d; older: with nq).
@@ -57,10 +58,18 @@ MMAP_MIN_BYTES = 64 << 20
 
 
 @functools.cache
-def _use_blas_for_small_batches() -> int:
-    """Set faiss's BLAS switch-over once per process (a global knob: every index shares it)."""
-    product_rule = SHIPPED_BLAS_THRESHOLD > 1000  # shipped 128000 (nq * d rule) vs 20 (nq rule)
-    threshold = BLAS_THRESHOLD_NQ_TIMES_D if product_rule else BLAS_THRESHOLD_NQ_LEGACY
+def set_blas_threshold() -> int:
+    """Set faiss's BLAS switch-over, once per process: the one place that writes this global knob (every
+    index shares it). The value is the app's ``runtime.faiss_blas_threshold`` (``conf/runtime/``): ``auto``
+    is ours above, ``null`` FAISS's shipped value, an int that value."""
+    setting = runtime.current().faiss_blas_threshold
+    if setting is None:
+        threshold = SHIPPED_BLAS_THRESHOLD
+    elif setting == "auto":
+        product_rule = SHIPPED_BLAS_THRESHOLD > 1000  # shipped 128000 (nq * d rule) vs 20 (nq rule)
+        threshold = BLAS_THRESHOLD_NQ_TIMES_D if product_rule else BLAS_THRESHOLD_NQ_LEGACY
+    else:
+        threshold = int(setting)
     faiss.cvar.distance_compute_blas_threshold = threshold
     return threshold
 
@@ -75,7 +84,7 @@ def configure_threads(num_threads: int | None = None) -> int:
         num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     n = max(1, int(num_threads))
     faiss.omp_set_num_threads(n)
-    _use_blas_for_small_batches()
+    set_blas_threshold()
     return n
 
 
@@ -86,6 +95,7 @@ def load_index(
     columns: list[str] | None = None,
     allow_external_model: bool = False,
     allow_qdrant_local: bool = False,
+    reuse_qdrant: Any = None,
 ) -> LoadedIndex:
     """Open an index folder, refusing anything that does not match its manifest.
 
@@ -96,7 +106,8 @@ def load_index(
     only these item columns (plus ``id``) from ``items.csv``, for catalogs of millions of rows.
     ``allow_external_model``: trust a model the manifest names outside the folder (refused by default).
     A Qdrant-backed folder answers from its collection (``retrieval.qdrant``); ``allow_qdrant_local``
-    trusts a local-mode storage folder (read with pickle by qdrant-client).
+    trusts a local-mode storage folder (read with pickle by qdrant-client); ``reuse_qdrant``: a running
+    index's ``QdrantStore`` whose client is reused if it talks to the same place (local mode admits one client).
     """
     root = Path(path)
     manifest = read_manifest(root, verify, allow_external_model)
@@ -107,7 +118,7 @@ def load_index(
         items = read_items(root / manifest.items.get("file", ITEMS_FILE), manifest, columns)
         parts = read_parts(root / PARTS_FILE, manifest) if manifest.parts else {}
         base = LoadedIndex(root, manifest, cast(Any, None), items, parts, None, allow_external_model, version)
-        return open_qdrant_index(base, allow_qdrant_local)
+        return open_qdrant_index(base, allow_qdrant_local, reuse_qdrant)
     kind = manifest.index.get("type", "flat")
     vectors_path = root / VECTORS_FILE
     if mmap is None:  # flat scans read every page: mapped 4 KiB file pages measured ~4x slower than RAM
@@ -306,6 +317,9 @@ class LoadedIndex:
                 cand = np.flatnonzero(allowed) if allowed is not None else np.arange(self.n)
                 return self._score_rows(query[0], cand, k, groups)
             fetch = min(n_allowed, fetch * 4)
+
+    def close(self) -> None:
+        """Release what the backend holds open (a Qdrant client; nothing for a FAISS folder)."""
 
     def search_where(
         self,

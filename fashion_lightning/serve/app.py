@@ -41,6 +41,7 @@ from fashion_lightning.retrieval import (
 )
 from fashion_lightning.serve.guard import RequestGuard, parse_json, security_headers
 from fashion_lightning.serve.limits import INT64_MAX, INT64_MIN, ServeSettings
+from fashion_lightning.serve.reload import LiveRecommender, reload_router
 
 PAGE_DIR = "page"
 FILTER_CHIP_VALUES = 12  # most common values per filter shown as chips on the page
@@ -121,7 +122,7 @@ def create_app(
     # worker processes batch waiting photos themselves: let up to a batch per worker through at once
     per_worker = getattr(recommender._encoder, "max_batch", 1)  # noqa: SLF001 (set at start-up or None)
     limiter = threading.BoundedSemaphore(max(1, settings.inference_workers) * per_worker)
-    info = _info(recommender, settings)
+    infos: dict[str, dict[str, Any]] = {}  # /info per index version (a LiveRecommender may reload another)
     page = resources.files("fashion_lightning.serve") / PAGE_DIR
 
     @app.exception_handler(RequestValidationError)
@@ -162,7 +163,14 @@ def create_app(
 
     @app.get("/info", summary="Index manifest summary, model, sizes, filter values, limits")
     async def get_info() -> dict[str, Any]:
-        return info
+        version = recommender.index.version
+        if version not in infos:
+            infos.clear()
+            infos[version] = _info(recommender, settings)
+        return infos[version]
+
+    if isinstance(recommender, LiveRecommender):
+        app.include_router(reload_router(recommender))
 
     @app.get("/items", summary="Browse the catalog (a spread over the filtered items)")
     async def browse(
@@ -340,6 +348,7 @@ def _info(recommender: Recommender, settings: ServeSettings) -> dict[str, Any]:
     return {
         "index": {
             "path": str(index.path),
+            "version": index.version,
             "count": manifest.count,
             "dim": manifest.dim,
             "type": manifest.index.get("type"),

@@ -23,7 +23,10 @@ from fashion_lightning.retrieval import Encoder, Recommender, RetrievalError
 from fashion_lightning.retrieval.queries import verified_model_path
 from fashion_lightning.serve.app import create_app
 from fashion_lightning.serve.limits import ServeSettings, SettingsError
-from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
+from fashion_lightning.serve.reload import LiveRecommender, load_sharing, token_from_env
+from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log
+from fashion_lightning.utils.config_check import ConfigError
+from fashion_lightning.utils.runtime import apply_runtime
 
 
 def build(cfg: DictConfig):
@@ -34,7 +37,10 @@ def build(cfg: DictConfig):
     # a service refuses decompression bombs outright (PIL only warns between 1x and 2x its limit)
     warnings.simplefilter("error", Image.DecompressionBombWarning)
     _search_threads(cfg.search_threads)
-    recommender = Recommender.from_dir(cfg.index_dir, allow_external_model=bool(cfg.allow_external_model))
+    allow_local = bool(cfg.get("allow_qdrant_local", False))
+    recommender = Recommender.from_dir(
+        cfg.index_dir, allow_external_model=bool(cfg.allow_external_model), allow_qdrant_local=allow_local
+    )
     root = cfg.catalog_root or recommender.index.model_info.get("catalog")
     source = CatalogSource(root) if root else None
     checkpoint = verified_model_path(recommender.index)  # resolved in the index folder, size + sha256
@@ -51,10 +57,16 @@ def build(cfg: DictConfig):
 
             torch.set_num_threads(int(cfg.torch_threads))
         recommender.encoder  # noqa: B018  (loads it now, not on the first photo query)
-        quiet_runtime()  # torch is imported now: its matmul precision applies
     close = getattr(recommender._encoder, "close", None)  # worker processes end with the server
-    try:
-        app = create_app(recommender, source.image_bytes if source else None, settings, on_shutdown=close)
+    live = LiveRecommender(  # POST /admin/reload swaps in a new index version (serve/reload.py)
+        recommender,
+        cfg.index_dir,
+        load_sharing(bool(cfg.allow_external_model), allow_local),
+        token_from_env(cfg.get("reload_token_env")),
+    )
+    reader = source.image_bytes if source else None
+    try:  # a proxy to a Recommender
+        app = create_app(cast(Recommender, live), reader, settings, on_shutdown=close)
     except BaseException:
         if close is not None:
             close()
@@ -103,13 +115,13 @@ def _search_threads(n: int | None) -> None:
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="serve")
 def main(cfg: DictConfig) -> None:
-    quiet_runtime()
     sock = None
     try:
+        apply_runtime(cfg.runtime)  # process-wide settings, once (conf/runtime/)
         settings = ServeSettings.from_cfg(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
         sock = bind(str(cfg.host), int(cfg.port))  # before the model loads
         app = build(cfg)
-    except (RetrievalError, CatalogNotFoundError, FileNotFoundError, SettingsError, PortError) as err:
+    except (ConfigError, RetrievalError, CatalogNotFoundError, FileNotFoundError, SettingsError, PortError) as err:
         if sock is not None:
             sock.close()
         Console(stderr=True, soft_wrap=True).print(f"[bold red]fashion-serve:[/bold red] {err}")
