@@ -8,6 +8,7 @@ Every image the framework touches (catalog files, user photos) goes through
 
 from __future__ import annotations
 
+import ctypes
 import io
 import threading
 import time
@@ -28,6 +29,10 @@ TOO_LARGE = "image_too_large (decompression bomb)"
 # bytes a decode may hold per decoded pixel: PIL keeps RGB as 4 bytes, plus a conversion copy (mode,
 # alpha flattening) and the pre-shrink; what a decode reserves from a :class:`DecodeBudget`
 DECODE_BYTES_PER_PIXEL = 16
+# what a query photo may be: raster formats PIL decodes itself (not EPS / PDF, which hand the bytes to
+# Ghostscript, nor the exotic plugins nobody uploads)
+PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MPO (phone photos)
+TRIM_BYTES = 64 * 1024 * 1024  # a decode reserving this much returns freed memory to the OS afterwards
 
 
 class ImageDecodeError(ValueError):
@@ -158,8 +163,8 @@ def decode_native(
     """
     h, w = size_hw
     try:
-        img: Image.Image = Image.open(io.BytesIO(data))
-        if img.format == "JPEG":
+        img: Image.Image = Image.open(io.BytesIO(data), formats=PHOTO_FORMATS)
+        if img.format in ("JPEG", "MPO"):
             img.draft("RGB", (2 * w, 2 * h))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageDecodeError(f"image too large to decode safely ({err})", TOO_LARGE) from err
@@ -172,10 +177,22 @@ def decode_native(
         )
     if budget is None:
         return letterbox(_load_rgb(img), size_hw)
-    with budget.reserve(pixels * DECODE_BYTES_PER_PIXEL):
+    nbytes = pixels * DECODE_BYTES_PER_PIXEL
+    with budget.reserve(nbytes):
         native = letterbox(_load_rgb(img), size_hw)
         del img
-        return native
+    if nbytes >= TRIM_BYTES:
+        _return_memory()
+    return native
+
+
+def _return_memory() -> None:
+    """Hand freed decode buffers back to the OS. glibc keeps large freed blocks in per-thread arenas:
+    measured after four concurrent 24-megapixel PNGs, 230 MB stayed resident, 44 MB after a trim."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _load_rgb(img: Image.Image) -> Image.Image:

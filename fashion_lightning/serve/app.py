@@ -39,7 +39,7 @@ from fashion_lightning.retrieval import (
     Recommender,
     UnknownItemError,
 )
-from fashion_lightning.serve.guard import RequestGuard, parse_json
+from fashion_lightning.serve.guard import RequestGuard, parse_json, security_headers
 from fashion_lightning.serve.limits import INT64_MAX, INT64_MIN, ServeSettings
 from fashion_lightning.serve.reload import LiveRecommender, reload_router
 
@@ -128,6 +128,14 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": _first_error(exc.errors())}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:  # a bug: still one line, still headers
+        return JSONResponse(
+            {"detail": "internal error (the server logged it)"},
+            status_code=500,
+            headers=security_headers(request.url.path),
+        )
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:

@@ -134,8 +134,7 @@ class RequestGuard:
         await self.app(scope, _replay(body, receive), send)
 
     def _with_headers(self, scope: Scope, send: Send) -> Send:
-        docs = scope.get("path", "").rstrip("/") in DOCS_PATHS
-        csp = (DOCS_CSP if docs else PAGE_CSP).encode()
+        csp = _csp(scope.get("path", "")).encode()
 
         async def wrapped(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -147,6 +146,16 @@ class RequestGuard:
             await send(message)
 
         return wrapped
+
+
+def _csp(path: str) -> str:
+    return DOCS_CSP if path.rstrip("/") in DOCS_PATHS else PAGE_CSP
+
+
+def security_headers(path: str) -> dict[str, str]:
+    """The headers :class:`RequestGuard` adds, for answers made outside it (Starlette's 500 handler runs
+    outside every middleware)."""
+    return {k.decode(): v.decode() for k, v in HEADERS.items()} | {"content-security-policy": _csp(path)}
 
 
 def _too_large(multipart: bool, limit: int) -> str:

@@ -9,10 +9,16 @@ at once, an error echoing ``<class 'str'>``.
 from __future__ import annotations
 
 import io
+import os
+import struct
+import subprocess
+import sys
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,6 +189,17 @@ def test_jpeg_draft_decodes_only_what_the_model_needs(monkeypatch):
     assert np.array_equal(decode_native(small), to_native(small))  # catalog-sized photos: identical
 
 
+def test_only_raster_photo_formats_are_opened(client):
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 60 80\nshowpage\n"  # PIL would run Ghostscript on it
+    response = client.post("/recommend/image", files={"photo": ("x.eps", eps, "application/postscript")})
+    assert response.status_code == 422 and "not a decodable image" in _detail(response)
+    for fmt in ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"):
+        buffer = io.BytesIO()
+        Image.new("RGB", (60, 80), (200, 10, 10)).save(buffer, format=fmt)
+        response = client.post("/recommend/image", files={"photo": (f"x.{fmt.lower()}", buffer.getvalue())})
+        assert response.status_code == 200, (fmt, response.text)
+
+
 def test_decode_budget_bounds_bytes_in_flight(client):
     """Four concurrent near-limit photos: their reservations never add up past the budget."""
     app_budget = _budget_of(client)
@@ -270,6 +287,18 @@ def test_security_headers_on_every_answer(client):
     assert "<script>" not in page and " style=" not in page and " onclick=" not in page
 
 
+def test_even_a_bug_answers_one_line_with_the_headers(index_dir):
+    class Broken(FakeEncoder):
+        def embed_texts(self, texts):
+            raise RuntimeError("a bug <object at 0x1234>")
+
+    app = create_app(Recommender.from_dir(index_dir, encoder=Broken()), None, LIMITS)
+    response = TestClient(app, raise_server_exceptions=False).post("/recommend", json={"text": "red shirt"})
+    assert response.status_code == 500 and "internal error" in _detail(response) and "0x1234" not in response.text
+    assert response.headers["x-content-type-options"] == "nosniff" and "frame-ancestors" in response.headers[
+        "content-security-policy"]  # fmt: skip
+
+
 def test_settings_from_the_config_refuse_typos_and_bad_ranges():
     cfg = {"max_k": 30, "default_k": 5, "max_upload_mb": 1, "inference_workers": 2, "limits": {"max_history": 10}}
     settings = ServeSettings.from_cfg(cfg)
@@ -286,3 +315,70 @@ def test_the_config_file_states_the_documented_defaults():
     text = (resources.files("fashion_lightning.conf") / "serve.yaml").read_text(encoding="utf-8")
     cfg = OmegaConf.to_container(OmegaConf.create(text))
     assert ServeSettings.from_cfg(cfg) == ServeSettings()  # conf/serve.yaml and limits.py say the same
+
+
+MEMORY_PROBE = """
+import sys, threading
+from pathlib import Path
+from fastapi.testclient import TestClient
+from test_recommender import FakeEncoder
+from fashion_lightning.retrieval import Recommender
+from fashion_lightning.serve import create_app
+
+def status(key):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
+
+index, files = sys.argv[1], sys.argv[2:]
+client = TestClient(create_app(Recommender.from_dir(index, encoder=FakeEncoder())))
+small = Path(files[0]).read_bytes()
+assert client.post("/recommend/image", files={"photo": ("s.png", small)}).status_code == 200
+base = status("VmRSS")
+codes = []
+def ask(path):
+    codes.append(client.post("/recommend/image", files={"photo": ("p.png", Path(path).read_bytes())}).status_code)
+threads = [threading.Thread(target=ask, args=(f,)) for f in files[1:]]
+[t.start() for t in threads]; [t.join() for t in threads]
+peak, kept = (status("VmHWM") - base) // 2**20, (status("VmRSS") - base) // 2**20
+print("CODES", sorted(codes), "PEAK_MB", peak, "KEPT_MB", kept)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_four_concurrent_near_limit_photos_stay_within_the_budget(index_dir, tmp_path):
+    """The probe: four photos just under PIL's pixel limit at once took the server to 5.7 GB and it kept
+    3 GB. Now photos over ``max_photo_pixels`` are refused from the header, and four 20 MP photos within it
+    decode one budget's worth at a time and give the memory back (default settings, a fresh process)."""
+    paths = [tmp_path / "small.png"]
+    paths[0].write_bytes(_png(60, 80))
+    big = _png(5000, 4000)  # 20 MP each: within max_photo_pixels (24 MP), 320 MB reserved of 512 MiB
+    for i in range(4):
+        paths.append(tmp_path / f"big{i}.png")
+        paths[-1].write_bytes(big)
+    for i in range(4):  # 88 MP claimed in the header, just under PIL's own limit: never decoded
+        paths.append(tmp_path / f"huge{i}.png")
+        paths[-1].write_bytes(_claimed_png(10_000, 8_800))
+    tests_dir = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": f"{tests_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(index_dir), *map(str, paths)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    words = done.stdout.split("CODES", 1)[1].split()
+    peak, kept = int(words[words.index("PEAK_MB") + 1]), int(words[words.index("KEPT_MB") + 1])
+    assert done.stdout.count("200") == 4 and done.stdout.count("413") == 4, done.stdout
+    # measured here: 81 MB peak, 4 MB kept; with the budget and trimming off, 311 MB and 311 MB kept
+    assert peak < 250 and kept < 100, done.stdout
+
+
+def _claimed_png(width: int, height: int) -> bytes:
+    """A PNG header claiming ``width`` x ``height`` with one tiny row of data (decoding it would allocate all)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    )
