@@ -21,12 +21,14 @@ import faiss
 import hydra
 import lightning as L
 import numpy as np
+import pandas as pd
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from torch.utils.data import Subset, default_collate
 
+from fashion_lightning.data.schema import COLUMNS
 from fashion_lightning.models.artifact import artifact_identity, copy_artifact, is_artifact, save_artifact
 from fashion_lightning.models.base import CheckpointError, FashionModule, load_module
 from fashion_lightning.retrieval.manifest import (
@@ -46,15 +48,16 @@ from fashion_lightning.retrieval.predict_writer import IndexPredictionWriter, co
 from fashion_lightning.retrieval.qdrant import (
     FolderItems,
     QdrantIndexWriter,
-    QdrantStore,
     QdrantTarget,
     connect,
+    open_store,
     payloads,
 )
 from fashion_lightning.retrieval.search import load_index
 from fashion_lightning.retrieval.update import (
     EmbeddingCollector,
     UpdateError,
+    catalog_frame,
     check_same_model,
     diff_catalog,
     merged_rows,
@@ -86,14 +89,14 @@ def build(cfg: DictConfig) -> Path:
     source = Path(cfg.ckpt_path).expanduser().resolve()
     module = load_module(source)
     target = QdrantTarget(**qdrant_cfg) if backend == "qdrant" else None
-    client = connect(target) if target is not None else None  # an unreachable server: refused before any work
+    if target is not None and target.engine == "client":
+        connect(target).close()  # an unreachable server: refused before any work
     datamodule = instantiate(cfg.data, vocabs=module.vocabs.to_dict(), tasks=module.vocabs.tasks)
     datamodule.setup("predict")
     store = None
     if target is not None:  # a collection of another dimension or model: refused before anything is written
         dim = _embedding_dim(module, datamodule)
-        assert client is not None
-        store = QdrantStore(client, target, dim, _identity_of(source)).ensure(create=True)
+        store = open_store(target, dim, _identity_of(source), create=True)
     model = _place_model(module, source, out_dir) if cfg.get("copy_model", True) else source
     model_info = {
         **model_record(model, out_dir),
@@ -121,7 +124,7 @@ def build(cfg: DictConfig) -> Path:
     else:
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
     if store is not None:
-        store.client.close()  # local mode: releases the folder's lock for the next client
+        store.close()  # local mode: releases the folder's lock for the next client
     if trainer.is_global_zero:
         m = writer.manifest
         assert m is not None  # rank 0's on_predict_end / merge() wrote it
@@ -154,35 +157,35 @@ def update(cfg: DictConfig, parent_dir: Path, out_dir: Path, qdrant_cfg: dict[st
         target = QdrantTarget.from_record(parent.index)
         named = qdrant_cfg.get("path")
         trusted = named is not None and Path(named).expanduser().resolve() == Path(str(target.path)).resolve()
-        if target.path is not None and not (trusted or cfg.get("allow_qdrant_local", False)):
+        if target.engine == "client" and target.path is not None and not (trusted or cfg.get("allow_qdrant_local")):
             raise UpdateError(
                 f"{parent_dir} keeps its vectors in Qdrant local storage {target.path} (read with pickle): name "
                 f"it again with index.qdrant.path={target.path} (or allow_qdrant_local=true) to update it"
             )
-        store = QdrantStore(connect(target), target, parent.dim, identity).ensure(create=False)
+        store = open_store(target, parent.dim, identity, create=False)
     elif parent.index.get("type") == "ivfpq" and "vectors.f32" not in parent.files:
         raise UpdateError(f"{parent_dir} is IVF-PQ without exact vectors (index.rerank=0): do a full build")
     try:
         module = load_module(parent_model)
         datamodule = instantiate(cfg.data, vocabs=module.vocabs.to_dict(), tasks=module.vocabs.tasks)
-        datamodule.setup("predict")
-        frame = with_content_hash(datamodule.predict_frame.drop(columns=["cache_row"], errors="ignore"))
-        old = load_index(parent_dir, allow_qdrant_local=True) if store is None else None  # FAISS: its vectors
+        frame, source = catalog_frame(datamodule)  # today's catalog, hashed without decoding a photo
+        old = load_index(parent_dir) if store is None else None  # FAISS: the parent's vectors
         parent_items = old.items if old is not None else read_items(parent_dir / "items.csv", parent)
         diff = diff_catalog(frame, parent_items)
         log.info("update from %s: %s", parent_dir, diff.summary())
         collector = EmbeddingCollector()
         if len(diff.todo):
-            split = datamodule.hparams.split
-            datamodule.datasets[split] = Subset(datamodule.datasets[split], diff.todo.tolist())
-            trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[collector])
-            trainer.predict(module, datamodule=datamodule, return_predictions=False)
+            todo = frame.iloc[diff.todo].reset_index(drop=True)
+            embedded = _embed_only(cfg, module, source, todo, collector)
+            if len(embedded) < len(todo):  # photos that do not decode: a full build drops them too
+                frame = frame[~frame["id"].isin(np.setdiff1d(todo["id"], embedded))].reset_index(drop=True)
+                diff = diff_catalog(frame, parent_items)
         new = collector.by_id(frame["id"].to_numpy()[diff.todo])
         parts = old.parts if old is not None else (read_parts(parent_dir / PARTS_FILE, parent) if parent.parts else {})
         record = {**parent_record(parent_dir, parent), "embedded": len(diff.todo), "retired": len(diff.retired)}
         with atomic_dir(out_dir, prefix=".updating-") as tmp:
             model_info = {**parent.model, **model_record(copy_artifact(parent_model, tmp / MODEL_DIR), tmp)}
-            model_info["catalog"] = str(datamodule.catalog.source.root)
+            model_info["catalog"] = str(source.root)
             if store is not None:  # in place: upsert the embedded items, delete the retired ones, then the folder
                 if len(diff.todo):
                     vectors = np.array(new["embedding"], dtype=np.float32)
@@ -206,9 +209,31 @@ def update(cfg: DictConfig, parent_dir: Path, out_dir: Path, qdrant_cfg: dict[st
                 atomic_write_text(tmp / MANIFEST_FILE, json.dumps(manifest.to_dict(), indent=2) + "\n")
     finally:
         if store is not None:
-            store.client.close()  # local mode: releases the folder's lock
+            store.close()  # local mode: releases the folder's lock
     Console().print(f"[bold]index[/bold] {out_dir}: {manifest.count} items from {parent_dir} ({diff.summary()})")
     return out_dir
+
+
+def _embed_only(
+    cfg: DictConfig, module: FashionModule, source: Any, rows: pd.DataFrame, collector: EmbeddingCollector
+) -> np.ndarray:
+    """Embed just ``rows``: they are written as a small catalog of their own (cleaned fields, their photos'
+    bytes) and run through the usual datamodule and ``trainer.predict``, so only these photos are decoded.
+    Returns the ids embedded (a photo that does not decode is dropped, as a full build drops it)."""
+    with tempfile.TemporaryDirectory(prefix="fl-update-") as scratch:
+        root = Path(scratch) / "catalog"
+        (root / "images").mkdir(parents=True)
+        rows[[c for c in COLUMNS if c in rows.columns]].to_csv(root / "styles.csv", index=False)
+        for item in rows["id"].tolist():
+            (root / "images" / f"{item}.jpg").write_bytes(source.image_bytes(item))
+        datamodule = instantiate(
+            cfg.data, root=str(root), cache_dir=str(Path(scratch) / "cache"), output_dir=None, max_items=None,
+            splits_path=None, split="all", vocabs=module.vocabs.to_dict(), tasks=module.vocabs.tasks,
+        )  # fmt: skip
+        datamodule.setup("predict")
+        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[collector])
+        trainer.predict(module, datamodule=datamodule, return_predictions=False)
+        return datamodule.predict_frame["id"].to_numpy()
 
 
 def _embedding_dim(module: FashionModule, datamodule: Any) -> int:

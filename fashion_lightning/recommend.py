@@ -33,7 +33,11 @@ if TYPE_CHECKING:
 @task_wrapper
 def recommend(cfg: DictConfig) -> RecommendationResult:
     k = check_k(cfg.k)  # before the index loads: k=abc or k=2.5 is a typo, not a query
-    recommender = Recommender.from_dir(cfg.index_dir, allow_external_model=bool(cfg.allow_external_model))
+    recommender = Recommender.from_dir(
+        cfg.index_dir,
+        allow_external_model=bool(cfg.allow_external_model),
+        allow_qdrant_local=bool(cfg.get("allow_qdrant_local", False)),
+    )
     query = cast(dict[str, Any], OmegaConf.to_container(cfg.query, resolve=True))  # a DictConfig node: a dict
     all_filters = cast(dict[str, Any], OmegaConf.to_container(cfg.filters, resolve=True))
     filters = {k: v for k, v in all_filters.items() if v is not None}

@@ -280,6 +280,8 @@ def _check_qdrant_record(index: Mapping[str, Any], fail: Any) -> None:
     where = url if url is not None else path
     if (url is None) == (path is None) or not isinstance(where, str) or "\x00" in where:
         fail("index needs exactly one of url (a Qdrant server) and path (Qdrant local mode), as strings")
+    if index.get("engine", "client") not in ("client", "edge"):
+        fail(f"index.engine must be 'client' or 'edge', got {_short(index.get('engine'))}")
     if not isinstance(index.get("exact", True), bool):
         fail(f"index.exact must be true or false, got {_short(index.get('exact'))}")
 

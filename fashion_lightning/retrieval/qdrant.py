@@ -21,6 +21,7 @@ local-mode folder is code as much as data: it is opened only when the caller say
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -55,6 +56,7 @@ MODEL_KEY = "model_identity"
 #: catalog fields copied into each point's payload (the schema's columns, and the photo's hash)
 PAYLOAD_FIELDS: tuple[str, ...] = (*[c for c in COLUMNS if c != "id"], "image_sha1")
 INSTALL_HINT = 'the Qdrant backend needs qdrant-client: pip install -e ".[qdrant]"'
+ENGINES = ("client", "edge")
 
 
 class QdrantError(RetrievalError):
@@ -73,10 +75,13 @@ class QdrantTarget:
     batch_size: int = 256  # points per upsert request
     exact: bool = True  # exhaustive scoring (same top-k as FAISS flat) or HNSW
     hnsw_ef: int = 128
+    engine: str = "client"  # with path: qdrant-client's local mode, or "edge" (qdrant-edge-py's Rust shard)
 
     def __post_init__(self) -> None:
         if (self.url is None) == (self.path is None):
             raise QdrantError("index.qdrant needs exactly one of url (a Qdrant server) or path (local mode)")
+        if self.engine not in ENGINES or (self.engine == "edge" and self.path is None):
+            raise QdrantError(f"index.qdrant.engine must be one of {ENGINES} ('edge' with a path), got {self.engine!r}")
         if not 1 <= int(self.batch_size) <= 65536:
             raise QdrantError(f"index.qdrant.batch_size must be in [1, 65536], got {self.batch_size}")
 
@@ -87,13 +92,15 @@ class QdrantTarget:
     def record(self) -> dict[str, Any]:
         """What the manifest keeps (``index`` section): enough to reconnect, never the API key."""
         out = asdict(self)
-        if self.path is not None:
+        if self.path is not None and self.path != ":memory:":
             out["path"] = str(Path(self.path).expanduser().resolve())
         return out
 
     @property
     def where(self) -> str:
-        return f"Qdrant at {self.url}" if self.url else f"Qdrant local storage {self.path}"
+        if self.url:
+            return f"Qdrant at {self.url}"
+        return f"Qdrant {'edge shard' if self.engine == 'edge' else 'local storage'} {self.path}"
 
 
 def connect(target: QdrantTarget) -> QdrantClient:
@@ -109,7 +116,12 @@ def connect(target: QdrantTarget) -> QdrantClient:
                 url=target.url, api_key=key, timeout=int(max(1, target.timeout_s)), check_compatibility=False
             )
         else:
-            client = QdrantClient(path=str(Path(cast(str, target.path)).expanduser()))
+            where = cast(str, target.path)  # ":memory:" keeps the collection in this process only (benchmarks)
+            client = (
+                QdrantClient(location=where)
+                if where == ":memory:"
+                else QdrantClient(path=str(Path(where).expanduser()))
+            )
         client.get_collections()
     except Exception as err:  # connection refused, DNS, TLS, auth, a locked local folder: all one line
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
@@ -231,6 +243,9 @@ class QdrantStore:
     def count(self) -> int:
         return int(self.client.count(self.name, exact=True).count)
 
+    def close(self) -> None:
+        self.client.close()
+
     def vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Stored vectors of ``ids`` in that order, and a mask of the ids the collection holds."""
         got = self.client.retrieve(self.name, ids=[int(i) for i in ids], with_vectors=True, with_payload=False)
@@ -264,6 +279,136 @@ class QdrantStore:
         return np.asarray([p.score for p in points], np.float32), np.asarray([int(p.id) for p in points], np.int64)
 
 
+class EdgeStore(QdrantStore):
+    """The same calls on qdrant-edge-py's in-process Rust engine: one ``EdgeShard`` folder per collection
+    (``<path>/<collection>``). Its files are Qdrant's own segment format, parsed by Rust (no pickle), and
+    filters use real payload indexes, so it is the local engine for more than a few thousand items."""
+
+    def __init__(self, target: QdrantTarget, dim: int, model_identity: str) -> None:
+        self.client: Any = None  # the open EdgeShard
+        self.client_dim = int(dim)  # the width it was opened with (checked against its segments)
+        self.target, self.dim, self.model_identity = target, int(dim), model_identity
+        self.name = target.collection
+        self._params: Any = None
+
+    def ensure(self, create: bool = True) -> EdgeStore:
+        try:
+            import qdrant_edge as qe
+        except ImportError:
+            raise QdrantError("index.qdrant.engine=edge needs qdrant-edge-py: pip install qdrant-edge-py") from None
+        folder = Path(cast(str, self.target.path)).expanduser() / self.name
+        where = f"{self.target.where}: collection {self.name!r}"
+        config = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=self.dim, distance=qe.Distance.Dot))
+        if self.client is not None and self.client_dim != self.dim:  # a shared shard, asked for another width
+            raise QdrantError(f"{where} holds {self.client_dim}-d vectors, but this model makes {self.dim}-d ones")
+        if self.client is None:
+            try:
+                if folder.is_dir() and any(folder.iterdir()):
+                    self.client = qe.EdgeShard.load(str(folder), config)
+                elif create:
+                    self.client = qe.EdgeShard.create(str(folder), config)
+                else:
+                    raise QdrantError(f"{where} does not exist")
+            except QdrantError:
+                raise
+            except Exception as err:  # another dimension or distance, damaged or locked segments: one line
+                reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+                raise QdrantError(f"{where}: {reason}; use another index.qdrant.collection") from None
+            self.client_dim = self.dim
+        ours = qe.Filter(must_not=[qe.FieldCondition(key=MODEL_KEY, match=qe.MatchValue(self.model_identity))])
+        foreign = self.client.count(qe.CountRequest(exact=True, filter=ours))
+        if foreign:
+            raise QdrantError(
+                f"{where} holds {foreign} points made by another model (model_identity differs); "
+                "use another index.qdrant.collection"
+            )
+        for field in (*FILTER_FIELDS, HASH_KEY):
+            self.client.update(qe.UpdateOperation.create_field_index(field, qe.PayloadSchemaType.Keyword))
+        if self.target.exact or self.target.hnsw_ef:
+            self._params = qe.SearchParams(exact=self.target.exact, hnsw_ef=self.target.hnsw_ef)
+        return self
+
+    def upsert(self, ids: np.ndarray, vectors: np.ndarray, payload: Sequence[Mapping[str, Any]]) -> None:
+        import qdrant_edge as qe
+
+        ids = np.asarray(ids, dtype=np.int64)
+        if (ids < 0).any():
+            raise QdrantError(f"Qdrant point ids are unsigned; item ids {ids[ids < 0][:5].tolist()} are negative")
+        step = self.target.batch_size
+        for start in range(0, len(ids), step):
+            points = [
+                qe.Point(id=int(i), vector=np.asarray(v, dtype=np.float32).tolist(), payload=dict(p))
+                for i, v, p in zip(
+                    ids[start : start + step], vectors[start : start + step], payload[start : start + step]
+                )
+            ]
+            self.client.update(qe.UpdateOperation.upsert_points(points))
+            self.client.flush()  # on disk before the next batch: a crash loses at most the batch in flight
+
+    def delete(self, ids: Sequence[int] | np.ndarray) -> None:
+        import qdrant_edge as qe
+
+        points: list[Any] = [int(i) for i in ids]
+        for start in range(0, len(points), self.target.batch_size):
+            self.client.update(qe.UpdateOperation.delete_points(points[start : start + self.target.batch_size]))
+        self.client.flush()
+
+    def hashes(self) -> dict[int, str]:
+        import qdrant_edge as qe
+
+        out: dict[int, str] = {}
+        offset = None
+        while True:
+            points, offset = self.client.scroll(
+                qe.ScrollRequest(offset=offset, limit=4096, with_payload=True, with_vector=False)
+            )
+            for p in points:
+                out[int(p.id)] = str((p.payload or {}).get(HASH_KEY, ""))
+            if offset is None:
+                return out
+
+    def count(self) -> int:
+        import qdrant_edge as qe
+
+        return int(self.client.count(qe.CountRequest(exact=True)))
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    def vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        got = self.client.retrieve([int(i) for i in ids], with_payload=False, with_vector=True)
+        by_id = {int(p.id): p.vector for p in got}
+        out = np.zeros((len(ids), self.dim), np.float32)
+        found = np.zeros(len(ids), bool)
+        for i, item in enumerate(ids):
+            vector = by_id.get(int(item))
+            if vector is not None:
+                out[i], found[i] = np.asarray(vector, dtype=np.float32), True
+        return out, found
+
+    def search(
+        self, query: np.ndarray, limit: int, filters: Mapping[str, Sequence[str]], exclude_ids: Sequence[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        import qdrant_edge as qe
+
+        must: list[Any] = [qe.FieldCondition(key=k, match=qe.MatchAny(any=list(v))) for k, v in filters.items()]
+        must_not: list[Any] = [qe.HasIdCondition({int(i) for i in exclude_ids})] if len(exclude_ids) else []
+        flt = qe.Filter(must=must or None, must_not=must_not or None) if must or must_not else None
+        points = self.client.query(
+            qe.QueryRequest(
+                limit=int(limit),
+                query=qe.Query.Nearest(np.asarray(query, dtype=np.float32).tolist()),
+                filter=flt,
+                params=self._params,
+                with_payload=False,
+                with_vector=False,
+            )
+        )
+        return np.asarray([p.score for p in points], np.float32), np.asarray([int(p.id) for p in points], np.int64)
+
+
 class QdrantIndex(LoadedIndex):
     """An index folder whose vectors live in Qdrant: the :class:`LoadedIndex` interface the recommender uses
     (rows are ``items.csv`` rows, ``vectors(rows)``, filtered top-k), served by the collection.
@@ -281,7 +426,7 @@ class QdrantIndex(LoadedIndex):
         self.exact = store.target.exact
 
     def close(self) -> None:
-        self.store.client.close()
+        self.store.close()
 
     def vectors(self, rows: np.ndarray | None = None) -> np.ndarray:
         rows = np.arange(self.n) if rows is None else np.asarray(rows, dtype=np.int64)
@@ -331,17 +476,30 @@ def open_qdrant_index(base: LoadedIndex, allow_local: bool, reuse: QdrantStore |
     """The folder's collection, connected and checked against the manifest's dimension and model."""
     manifest = base.manifest
     target = QdrantTarget.from_record(manifest.index)
-    if target.path is not None and not allow_local:
+    if target.path is not None and target.engine == "client" and not allow_local:
         raise QdrantError(
             f"{base.path} keeps its vectors in Qdrant local storage {target.path}, which qdrant-client reads "
             "with pickle (code in that folder would run); pass allow_qdrant_local=true if you made it, or "
             "serve from a Qdrant server (index.qdrant.url)"
         )
     identity = str(manifest.model.get("model_identity", ""))
-    same = reuse is not None and (reuse.target.url, reuse.target.path) == (target.url, target.path)
-    client = reuse.client if same and reuse is not None else connect(target)
-    store = QdrantStore(client, target, manifest.dim, identity).ensure(create=False)
-    return QdrantIndex(base, store)
+    return QdrantIndex(base, open_store(target, manifest.dim, identity, create=False, reuse=reuse))
+
+
+def open_store(
+    target: QdrantTarget, dim: int, identity: str, create: bool, reuse: QdrantStore | None = None
+) -> QdrantStore:
+    """The collection behind ``target``, checked (and created when ``create``): a server or qdrant-client's
+    local mode, or qdrant-edge-py's shard. ``reuse``: a running store whose connection (or open shard) is
+    shared when it is the same place, since a local folder admits one opener at a time."""
+    place = (target.engine, target.url, target.path, target.collection)
+    if reuse is not None and (reuse.target.engine, reuse.target.url, reuse.target.path, reuse.name) == place:
+        shared = copy.copy(reuse)
+        shared.target, shared.dim, shared.model_identity = target, int(dim), identity
+        return shared.ensure(create)
+    if target.engine == "edge":
+        return EdgeStore(target, dim, identity).ensure(create)
+    return QdrantStore(connect(target), target, dim, identity).ensure(create)
 
 
 class QdrantIndexWriter:
@@ -371,7 +529,7 @@ class QdrantIndexWriter:
 
     def store(self, dim: int) -> QdrantStore:
         if self._store is None:
-            self._store = QdrantStore(connect(self.target), self.target, dim, self.identity).ensure(create=True)
+            self._store = open_store(self.target, dim, self.identity, create=True)
         return self._store
 
     def add(

@@ -68,6 +68,22 @@ def with_content_hash(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.assign(**{HASH_COLUMN: content_hashes(frame)})
 
 
+def catalog_frame(datamodule: Any) -> tuple[pd.DataFrame, Any]:
+    """Today's catalog as the index rows a full build would hold, with content hashes, and its source,
+    without decoding any photo: cleaned rows whose photo file exists, ``image_sha1`` from the files' bytes
+    (what the image cache records). Photos that do not decode are found when the few new or changed
+    items are embedded (unchanged ones decoded when the parent was built)."""
+    from fashion_lightning.data.catalog import load_catalog
+
+    hp = datamodule.hparams
+    if hp.max_items is not None or hp.splits_path or hp.split != "all":
+        raise UpdateError("an update covers the whole catalog: data.split=all, data.max_items=null, no splits_path")
+    catalog = load_catalog(datamodule.catalog_root(), hp.exclude_master_categories)
+    source = catalog.source
+    sha1 = [hashlib.sha1(source.image_bytes(int(i)) or b"").hexdigest() for i in catalog.frame["id"]]
+    return with_content_hash(catalog.frame.assign(image_sha1=sha1).reset_index(drop=True)), source
+
+
 @dataclass(frozen=True)
 class CatalogDiff:
     """Today's catalog against the parent's items."""
