@@ -239,3 +239,19 @@ def test_cached_run_learns_and_its_artefact_is_the_whole_network(tmp_path: Path,
     ]))  # fmt: skip
     for task in ("articleType", "masterCategory"):  # whole network on images ~= top on fp16 cached activations
         assert abs(evaluated[f"test/acc/{task}"] - metrics[f"test/acc/{task}"]) < 0.03, task
+
+
+def test_cached_recipe_builds_a_valid_lite0_module(tmp_path: Path) -> None:
+    from hydra.utils import instantiate
+
+    from fashion_lightning.models.base import checked_hparams, plain
+
+    cfg = make_cfg("train", tmp_path / "run", tmp_path / "cache", ["experiment=kaggle_offline_cached", "data.root=/x"])
+    assert list(cfg.model.net.input_size) == [224, 168] and cfg.model.ema and cfg.data.num_workers == 0
+    cfg.model.net.pretrained = False  # the structure is what matters here; the packaged weights load elsewhere
+    tasks = ("articleType", "baseColour", "gender", "masterCategory", "season", "subCategory")
+    module = instantiate(cfg.model, vocabs={task: ["a", "b"] for task in tasks})
+    assert module.trunk is not None and module.trunk.cut == cfg.model.cache_trunk.cut
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    assert 0.5 < trainable / sum(p.numel() for p in module.parameters()) < 1.0  # most of lite0 still trains
+    assert checked_hparams("multitask", plain(dict(module.hparams)), "recipe")["cache_trunk"]["cut"] == 5
