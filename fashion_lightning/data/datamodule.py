@@ -29,6 +29,7 @@ from fashion_lightning.data.images import NATIVE_HW
 from fashion_lightning.data.sampling import EpochShuffleSampler, GroupedShuffleSampler
 from fashion_lightning.data.schema import ALL_TASKS, TASKS
 from fashion_lightning.data.splits import SPLITS, load_splits, save_splits, stratified_split
+from fashion_lightning.data.trunk_cache import CachedTrunkDataset, TrunkEncoder, ensure_trunk_cache
 from fashion_lightning.data.vocab import LabelVocabs
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,8 @@ class FashionDataModule(L.LightningDataModule):
         self.class_weights: dict[str, Any] = {}
         self.datasets: dict[str, FashionDataset] = {}
         self.epoch = 0  # the epoch the next train pass shuffles by (EpochShuffleSampler; set by EpochSeed)
+        self._trunk: tuple[TrunkEncoder, int, str] | None = None  # set by a model with cache_trunk
+        self._trunk_datasets: dict[str, CachedTrunkDataset] = {}
 
     # -- preparation ----------------------------------------------------------------------
     def catalog_root(self) -> Path:
@@ -232,9 +235,40 @@ class FashionDataModule(L.LightningDataModule):
         """Labels in ``split`` that the vocabulary never saw (evaluating a checkpoint on new data)."""
         return self._built()[0].unseen_labels(self.frames[split or self.hparams.split])
 
+    # -- cached partial trunk -------------------------------------------------------------
+    def use_trunk_cache(self, encoder: TrunkEncoder, views: int, dtype: str = "float16") -> None:
+        """Serve train/val/test as cached activations at the model's cut (``model.cache_trunk``); the train
+        split gets ``views`` augmented views per item, the others one un-augmented view. Built lazily, when a
+        loader is first asked for (the model is on its device by then)."""
+        if (
+            self._trunk is not None
+            and self._trunk[0].fingerprint == encoder.fingerprint
+            and self._trunk[1:] == (views, dtype)
+        ):
+            self._trunk = (encoder, views, dtype)  # same activations: keep the datasets already opened
+            return
+        self._trunk = (encoder, views, dtype)
+        self._trunk_datasets = {}
+
+    def trunk_dataset(self, name: str, train: bool = False) -> CachedTrunkDataset:
+        """The split's cached activations (built, resumed or repaired on first use)."""
+        if self._trunk is None:
+            raise RuntimeError("use_trunk_cache() has not been called")
+        if name not in self._trunk_datasets:
+            encoder, views, dtype = self._trunk
+            items = self.datasets[name]
+            cache = ensure_trunk_cache(
+                items, encoder, self.cache_dir, views if train else 1, dtype,
+                transform=self.train_transform if train else None, seed=self.hparams.split_seed,
+                batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
+            )  # fmt: skip
+            log.info("trunk cache for %s: %s, %s, %.1f MB", name, cache.path, cache.shape, cache.nbytes / 1e6)
+            self._trunk_datasets[name] = CachedTrunkDataset(cache, items)
+        return self._trunk_datasets[name]
+
     # -- loaders --------------------------------------------------------------------------
-    def _loader(self, name: str, train: bool = False) -> DataLoader:
-        dataset = self.datasets[name]
+    def _loader(self, name: str, train: bool = False, cached: bool = True) -> DataLoader:
+        dataset: Any = self.trunk_dataset(name, train) if cached and self._trunk is not None else self.datasets[name]
         workers = self.hparams.num_workers
         batch = self.hparams.batch_size if train else (self.hparams.eval_batch_size or self.hparams.batch_size)
         sampler: EpochShuffleSampler | None = None
@@ -264,7 +298,7 @@ class FashionDataModule(L.LightningDataModule):
         return self._loader(self.hparams.split)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.hparams.split)
+        return self._loader(self.hparams.split, cached=False)  # embeddings for an index come from whole images
 
     @property
     def predict_frame(self) -> pd.DataFrame:

@@ -145,6 +145,14 @@ class MixupSpec(_Spec):
     switch_prob: Unit = 0.5
 
 
+class CacheTrunkSpec(_Spec):
+    """``model.cache_trunk``: freeze the trunk below layer group ``cut``, cache ``views`` augmented activations."""
+
+    cut: Annotated[int, Field(ge=0, le=64)]
+    views: Annotated[int, Field(ge=1, le=64)] = 4
+    dtype: Literal["float16", "float32"] = "float16"
+
+
 Vocabs = dict[Identifier, Annotated[list[Label], Field(min_length=1, max_length=100_000)]]
 TaskWeights = dict[Identifier, Annotated[float, Field(ge=0.0)]]
 Prompts = Annotated[list[Text], Field(min_length=1, max_length=32)]  # a zero-shot prompt ensemble
@@ -168,6 +176,7 @@ class MultiTaskModuleSpec(_ModuleSpec):
     cache_frozen_features: bool = True
     mixup: MixupSpec | None = None
     flip_tta: bool = False
+    cache_trunk: CacheTrunkSpec | None = None
 
 
 class ClipFusionModuleSpec(_ModuleSpec):
