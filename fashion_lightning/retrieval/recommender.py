@@ -24,12 +24,12 @@ from fashion_lightning.retrieval.queries import (
     ImageLike,
     QueryError,
     UnknownItemError,
-    _embed_and_predict,
-    _infer,
-    _to_tensor,
     check_k,
     decode_query_image,
+    embed_and_predict,
+    infer,
     model_loader,
+    to_tensor,
 )
 from fashion_lightning.retrieval.results import Recommendation, RecommendationResult, plain_value
 from fashion_lightning.retrieval.search import LoadedIndex, load_index
@@ -71,6 +71,11 @@ class Recommender:
     ) -> Recommender:
         index = load_index(path, verify=verify, allow_external_model=allow_external_model)
         return cls(index, encoder, encoder_loader)
+
+    @property
+    def loaded_encoder(self) -> Encoder | None:
+        """The encoder if one was given or has been loaded, else None (reading this never loads one)."""
+        return self._encoder
 
     @property
     def encoder(self) -> Encoder:
@@ -134,8 +139,8 @@ class Recommender:
         if len(images) == 0:
             raise QueryError("no query image given")
         natives, digests, labels = zip(*(decode_query_image(image, i) for i, image in enumerate(images)))
-        batch = _to_tensor(np.stack(natives), self.encoder)
-        embedded, predictions = _infer(_embed_and_predict, self.encoder, batch)
+        batch = to_tensor(np.stack(natives), self.encoder)
+        embedded, predictions = infer(embed_and_predict, self.encoder, batch)
         vectors = self._checked(embedded, "image")
         query = _unit(vectors.mean(axis=0), "the query photos' embeddings cancel out")
         attributes = explain.attributes_of_predictions(predictions)
@@ -161,7 +166,7 @@ class Recommender:
         if not isinstance(text, str) or not text.strip():
             raise QueryError("the text query is empty")
         try:
-            embedded = _infer(self.encoder.embed_texts, [text])
+            embedded = infer(self.encoder.embed_texts, [text])
         except (NotImplementedError, AttributeError) as err:
             name = self.index.model_info.get("embedding_name", "its model")
             raise QueryError(

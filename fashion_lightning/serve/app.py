@@ -93,7 +93,7 @@ def create_app(
     )
     # a thread semaphore, not an anyio limiter: it holds whatever event loop (or test client) calls it
     # worker processes batch waiting photos themselves: let up to a batch per worker through at once
-    per_worker = getattr(recommender._encoder, "max_batch", 1)  # noqa: SLF001 (set at start-up or None)
+    per_worker = getattr(recommender.loaded_encoder, "max_batch", 1)  # set at start-up, or None
     limiter = threading.BoundedSemaphore(max(1, settings.inference_workers) * per_worker)
     info = _info(recommender, settings)
     page = resources.files("fashion_lightning.serve") / PAGE_DIR
@@ -279,7 +279,7 @@ def _info(recommender: Recommender, settings: ServeSettings) -> dict[str, Any]:
         },
         "model": model,
         "text_queries": bool(index.parts) or "clip" in str(model.get("embedding_name", "")).lower(),
-        "photo_queries": bool(model.get("model") or model.get("checkpoint")) or recommender._encoder is not None,
+        "photo_queries": bool(model.get("model") or model.get("checkpoint")) or recommender.loaded_encoder is not None,
         "filters": values,
         "limits": {
             "max_k": settings.max_k,

@@ -51,7 +51,7 @@ def build(cfg: DictConfig):
         max_k=int(cfg.max_k), default_k=int(cfg.default_k), max_upload_bytes=int(cfg.max_upload_mb * 1024 * 1024),
         inference_workers=int(cfg.inference_workers),
     )  # fmt: skip
-    close = getattr(recommender._encoder, "close", None)  # worker processes end with the server
+    close = getattr(recommender.loaded_encoder, "close", None)  # worker processes end with the server
     return create_app(recommender, source.image_bytes if source else None, settings, on_shutdown=close)
 
 
