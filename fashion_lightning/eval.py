@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from fashion_lightning.models.base import CheckpointError, load_module
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log
+from fashion_lightning.utils.cluster import job_record
 from fashion_lightning.utils.config_check import one_line_errors
 from fashion_lightning.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from fashion_lightning.utils.reporting import print_summary, update_json
@@ -49,6 +50,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "eval_split": cfg.data.split,
             "eval_items": len(datamodule.predict_frame),
             "unseen_labels": unseen,
+            **job_record(),  # which cluster job / process made this run
         }
     )
     if trainer.is_global_zero:

@@ -147,6 +147,7 @@ class MixupSpec(_Spec):
 
 Vocabs = dict[Identifier, Annotated[list[Label], Field(min_length=1, max_length=100_000)]]
 TaskWeights = dict[Identifier, Annotated[float, Field(ge=0.0)]]
+Prompts = Annotated[list[Text], Field(min_length=1, max_length=32)]  # a zero-shot prompt ensemble
 CompileOptions = bool | dict[Identifier, Scalar | Annotated[str, Field(pattern=r"^[A-Za-z0-9_\-]{0,64}$")] | None]
 
 
@@ -175,7 +176,12 @@ class ClipFusionModuleSpec(_ModuleSpec):
     alpha: Unit = 0.7
     heads: bool = False
     contrastive_weight: Annotated[float, Field(ge=0.0)] = 1.0
-    zero_shot_prompt: Text | dict[Identifier, Text] = "a photo of a {label}"
+    loss: Literal["infonce", "siglip"] = "infonce"
+    siglip_init_bias: Annotated[float, Field(ge=-50.0, le=50.0)] = -5.0
+    multi_positive: bool = False
+    fusion: Literal["fixed", "gated"] = "fixed"
+    fusion_weight: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
+    zero_shot_prompt: Text | Prompts | dict[Identifier, Text | Prompts] = "a photo of a {label}"
     kagl: bool = True
     kagl_max_queries: Annotated[int, Field(ge=1)] | None = 2000
     channels_last: bool = False

@@ -12,7 +12,10 @@ An index folder holds everything a recommender needs, and nothing it cannot chec
                     folder is self-contained; a model outside the folder is refused unless explicitly trusted
 ``manifest.json``   format version, counts, dimension, metric, index parameters, the model that made the
                     vectors (path, identity, size and sha256 of its files), item column types, and size + sha256 of
-                    every file above
+                    every file above; an updated index also records its ``parent`` (``retrieval.update``)
+
+With ``index.backend = "qdrant"`` the vectors live in a Qdrant collection instead of ``vectors.faiss``
+(``retrieval.qdrant``); the folder keeps the items, parts, model and manifest, which names the collection.
 
 The manifest is written last, so a build that died half-way leaves a folder that ``load_index`` refuses
 instead of a silently short index.
@@ -36,6 +39,7 @@ import pandas as pd
 
 from fashion_lightning.models.artifact import ARTIFACT_DIR
 from fashion_lightning.models.artifact import FILES as ARTIFACT_FILES
+from fashion_lightning.retrieval.faiss_probe import ProbeError, probe
 from fashion_lightning.utils.bounded import DEFAULT_CSV_LIMITS, CsvLimits, LimitError, check_csv_file, load_json
 
 FORMAT = "fashion-lightning-index"
@@ -48,6 +52,7 @@ PARTS_FILE = "parts.npz"
 MODEL_DIR = ARTIFACT_DIR  # the model artefact copied into the folder (models/artifact.py)
 MODEL_FILES = ARTIFACT_FILES
 INDEX_TYPES = ("flat", "ivf", "hnsw", "ivfpq")
+BACKENDS = ("faiss", "qdrant")
 IVF_TYPES = ("ivf", "ivfpq")
 COLUMN_KINDS = ("int", "float", "bool", "str")
 MAX_DIM = 65_536  # far above any embedding; bounds what a manifest may ask a reader to allocate per row
@@ -155,10 +160,16 @@ class IndexManifest:
     created_at: str = ""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
+    parent: dict[str, Any] | None = None  # the index this one was updated from (path, manifest sha256, version)
+
+    @property
+    def backend(self) -> str:
+        return str(self.index.get("backend", "faiss"))
 
     @property
     def bytes_per_item(self) -> float:
-        return self.files[VECTORS_FILE]["bytes"] / max(1, self.count)
+        record = self.files.get(VECTORS_FILE)
+        return record["bytes"] / max(1, self.count) if record else 4.0 * self.dim
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -180,7 +191,8 @@ class IndexManifest:
             raise IndexIntegrityError(f"{where}: missing keys {missing}")
         _check_record(data, where)
         manifest = cls(**{k: v for k, v in data.items() if k in names})
-        for name in (VECTORS_FILE, manifest.items.get("file", ITEMS_FILE)):
+        needed = [VECTORS_FILE] if manifest.backend == "faiss" else []
+        for name in (*needed, manifest.items.get("file", ITEMS_FILE)):
             if name not in manifest.files:
                 raise IndexIntegrityError(f"{where}: lists no checksum for {name}")
         exact = manifest.files.get(EXACT_FILE)
@@ -218,8 +230,15 @@ def _check_record(data: Mapping[str, Any], where: str) -> None:
             fail(f"model.{key} must be a string, got {_short(model[key])}")
     if model.get("checkpoint_file") is not None and not isinstance(model["checkpoint_file"], Mapping):
         fail(f"model.checkpoint_file must be an object, got {_short(model['checkpoint_file'])}")
+    if data.get("parent") is not None and not isinstance(data["parent"], Mapping):
+        fail(f"parent must be an object, got {_short(data['parent'])}")
     index = data["index"]
-    if index.get("type", "flat") not in INDEX_TYPES:
+    backend = index.get("backend", "faiss")
+    if backend not in BACKENDS:
+        fail(f"index.backend must be one of {BACKENDS}, got {_short(backend)}")
+    if backend == "qdrant":
+        _check_qdrant_record(index, fail)
+    elif index.get("type", "flat") not in INDEX_TYPES:
         fail(f"index.type must be one of {INDEX_TYPES}, got {_short(index.get('type'))}")
     for name in IndexParams.__dataclass_fields__:
         value = index.get(name)
@@ -247,6 +266,22 @@ def _check_record(data: Mapping[str, Any], where: str) -> None:
         integer(record.get("bytes"), f"files.{name}.bytes", 0, 2**62)
         if not isinstance(record.get("sha256"), str) or not _SHA256.fullmatch(record["sha256"]):
             fail(f"files.{name}.sha256 must be 64 lowercase hex digits, got {_short(record.get('sha256'))}")
+
+
+_COLLECTION = re.compile(r"[A-Za-z0-9_.-]{1,255}")
+
+
+def _check_qdrant_record(index: Mapping[str, Any], fail: Any) -> None:
+    """A Qdrant index record: a plain collection name, where the collection lives, the search mode."""
+    name = index.get("collection")
+    if not isinstance(name, str) or not _COLLECTION.fullmatch(name):
+        fail(f"index.collection must be a plain collection name, got {_short(name)}")
+    url, path = index.get("url"), index.get("path")
+    where = url if url is not None else path
+    if (url is None) == (path is None) or not isinstance(where, str) or "\x00" in where:
+        fail("index needs exactly one of url (a Qdrant server) and path (Qdrant local mode), as strings")
+    if not isinstance(index.get("exact", True), bool):
+        fail(f"index.exact must be true or false, got {_short(index.get('exact'))}")
 
 
 def bare_name(name: Any, what: str, fail: Any) -> None:
@@ -385,8 +420,14 @@ def read_manifest(root: Path, verify: bool = True, allow_external_model: bool = 
     for name, expected in manifest.files.items():
         verify_file(root / name, expected, verify)
     verified_model(manifest.model, root, verify, allow_external_model)
-    if manifest.index.get("type", "flat") == "flat":
+    kind = manifest.index.get("type", "flat")
+    if manifest.backend == "faiss" and kind == "flat":
         check_flat_header(root / VECTORS_FILE, manifest)
+    elif manifest.backend == "faiss":  # faiss's C++ reader: first in a memory-capped child (retrieval/faiss_probe)
+        try:
+            probe(root / VECTORS_FILE, kind, manifest.dim, manifest.count)
+        except ProbeError as err:
+            raise IndexIntegrityError(str(err)) from None
     return manifest
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,7 @@ class IndexPredictionWriter(BasePredictionWriter):
         model_info: dict[str, Any],
         params: IndexParams,
         shard_rows: int = 65536,
+        make_writer: Callable[[], Any] | None = None,
     ) -> None:
         super().__init__(write_interval="batch")
         self.out_dir = Path(out_dir)
@@ -75,12 +77,15 @@ class IndexPredictionWriter(BasePredictionWriter):
         self.model_info = model_info
         self.params = params
         self.shard_rows = int(shard_rows)
-        self.writer: IndexWriter | None = None
+        self.make_writer = make_writer  # another backend's writer (Qdrant), with IndexWriter's add / finalize
+        self.writer: Any = None  # IndexWriter, or make_writer's
         self._shard: dict[str, list[np.ndarray]] = {}
         self._sharded = (self.out_dir / SHARD_DIR).is_dir()  # a resumed run merges what is already there
         self.manifest: IndexManifest | None = None
 
     def _writer(self) -> IndexWriter:
+        if self.writer is None and self.make_writer is not None:
+            self.writer = self.make_writer()
         if self.writer is None:
             self.writer = IndexWriter(self.out_dir, self.model_info, self.params, expected_count=len(self.catalog))
         return self.writer

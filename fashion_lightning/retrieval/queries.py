@@ -73,11 +73,14 @@ def check_k(k: Any, most: int | None = None) -> int:
     return int(k)
 
 
-def decode_query_image(image: ImageLike, position: int) -> tuple[np.ndarray, str | None, str]:
+def decode_query_image(
+    image: ImageLike, position: int, decode: Callable[[bytes], np.ndarray] | None = None
+) -> tuple[np.ndarray, str | None, str]:
     """Native uint8 array, sha1 of the file bytes (for duplicate exclusion) and a label for the report.
 
     Every form goes through the catalog's decoder (:func:`open_image`): in-memory arrays and PIL images
     are handed to it as lossless bytes, so a photo is treated the same whichever way it arrives.
+    ``decode`` replaces it for bytes -> native (the service's, with its pixel limit and decode budget).
     """
     digest: str | None = None
     if isinstance(image, (str, Path)):
@@ -96,7 +99,7 @@ def decode_query_image(image: ImageLike, position: int) -> tuple[np.ndarray, str
     try:
         with warnings.catch_warnings():  # PIL only warns between 1x and 2x its pixel limit: refuse those too
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            native = letterbox(open_image(data))
+            native = decode(data) if decode is not None else letterbox(open_image(data))
     except ImageDecodeError as err:
         too_large = err.reason == TOO_LARGE
         raise (PhotoTooLargeError if too_large else QueryError)(f"query image {label}: {err}") from err

@@ -68,14 +68,27 @@ class Recommender:
         encoder_loader: Callable[[], Encoder] | None = None,
         verify: bool = True,
         allow_external_model: bool = False,
+        allow_qdrant_local: bool = False,
     ) -> Recommender:
-        index = load_index(path, verify=verify, allow_external_model=allow_external_model)
+        index = load_index(
+            path, verify=verify, allow_external_model=allow_external_model, allow_qdrant_local=allow_qdrant_local
+        )
         return cls(index, encoder, encoder_loader)
+
+    def __enter__(self) -> Recommender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.index.close()  # a Qdrant client (local mode locks its folder while open)
 
     @property
     def loaded_encoder(self) -> Encoder | None:
         """The encoder if one was given or has been loaded, else None (reading this never loads one)."""
         return self._encoder
+
+    def with_index(self, index: LoadedIndex) -> Recommender:
+        """A Recommender over ``index`` sharing this one's encoder (or its loader, when not loaded yet)."""
+        return Recommender(index, self._encoder, self._encoder_loader)
 
     @property
     def encoder(self) -> Encoder:
@@ -130,15 +143,20 @@ class Recommender:
         return self.by_history(history, k, filters, disliked=disliked or (), weights=weights, half_life=half_life)
 
     def by_images(
-        self, images: ImageLike | Sequence[ImageLike], k: int = 10, filters: Mapping[str, Any] | None = None
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        k: int = 10,
+        filters: Mapping[str, Any] | None = None,
+        decode: Callable[[bytes], np.ndarray] | None = None,
     ) -> RecommendationResult:
-        """Products like the photo(s); several photos are averaged into one query."""
+        """Products like the photo(s); several photos are averaged into one query (``decode``: bytes ->
+        native array, default the catalog's decoder)."""
         start = time.perf_counter()
         if isinstance(images, (str, Path, bytes, np.ndarray, Image.Image)):
             images = [images]
         if len(images) == 0:
             raise QueryError("no query image given")
-        natives, digests, labels = zip(*(decode_query_image(image, i) for i, image in enumerate(images)))
+        natives, digests, labels = zip(*(decode_query_image(image, i, decode) for i, image in enumerate(images)))
         batch = to_tensor(np.stack(natives), self.encoder)
         embedded, predictions = infer(embed_and_predict, self.encoder, batch)
         vectors = self._checked(embedded, "image")
@@ -280,12 +298,18 @@ class Recommender:
             mask &= items[name].isin(wanted).to_numpy()
         if clean and not mask.any():
             raise QueryError(f"no item in the index matches all filters {clean}")
+        mask &= ~self._excluded(exclude_rows)
+        return (None if mask.all() else mask), clean
+
+    def _excluded(self, exclude_rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Mask of ``exclude_rows`` and every other row showing the same photo."""
+        excluded = np.zeros(self.index.n, dtype=bool)
         exclude = np.asarray(exclude_rows, dtype=np.int64)
         if len(exclude):
-            mask[exclude] = False
+            excluded[exclude] = True
             if self.groups is not None:
-                mask &= ~np.isin(self.groups, self.groups[exclude])
-        return (None if mask.all() else mask), clean
+                excluded |= np.isin(self.groups, self.groups[exclude])
+        return excluded
 
     def _example(self, name: str) -> str:
         values = self.index.items[name].astype(str)
@@ -317,7 +341,11 @@ class Recommender:
         k = check_k(k)
         allowed, clean = self.allowed_rows(filters, exclude_rows)
         t = time.perf_counter()
-        scores, rows = self._search(query, k, allowed, bool(clean))
+        if self.index.payload_filters:  # the backend filters on its own payload (Qdrant): no row mask
+            excluded = np.flatnonzero(self._excluded(exclude_rows))
+            scores, rows = self.index.search_where(query, k, clean, excluded, self.groups)
+        else:
+            scores, rows = self._search(query, k, allowed, bool(clean))
         timings["search_ms"] = _ms(t)
         t = time.perf_counter()
         parts = self._score_parts(query, rows)
@@ -330,7 +358,9 @@ class Recommender:
         timings["explain_ms"] = _ms(t)
         timings["total_ms"] = _ms(start)
         description.update(k=int(k), filters=clean, index=str(self.index.path))
-        return RecommendationResult(description, results, {key: round(v, 3) for key, v in timings.items()})
+        answered: dict[str, Any] = {key: round(v, 3) for key, v in timings.items()}
+        answered["index_version"] = self.index.version  # which index answered (fashion-serve reloads)
+        return RecommendationResult(description, results, answered)
 
     def _search(
         self, query: np.ndarray, k: int, allowed: np.ndarray | None, filtered: bool

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -29,6 +30,7 @@ from fashion_lightning.retrieval.manifest import (
     EXACT_FILE,
     ITEMS_FILE,
     IVF_TYPES,
+    MANIFEST_FILE,
     PARTS_FILE,
     VECTORS_FILE,
     IndexIntegrityError,
@@ -38,6 +40,7 @@ from fashion_lightning.retrieval.manifest import (
     read_items,
     read_manifest,
     read_parts,
+    sha256_file,
     verified_model,
 )
 from fashion_lightning.utils import runtime
@@ -91,6 +94,8 @@ def load_index(
     mmap: bool | None = None,
     columns: list[str] | None = None,
     allow_external_model: bool = False,
+    allow_qdrant_local: bool = False,
+    reuse_qdrant: Any = None,
 ) -> LoadedIndex:
     """Open an index folder, refusing anything that does not match its manifest.
 
@@ -100,9 +105,20 @@ def load_index(
     unless asked). ``columns``: read
     only these item columns (plus ``id``) from ``items.csv``, for catalogs of millions of rows.
     ``allow_external_model``: trust a model the manifest names outside the folder (refused by default).
+    A Qdrant-backed folder answers from its collection (``retrieval.qdrant``); ``allow_qdrant_local``
+    trusts a local-mode storage folder (read with pickle by qdrant-client); ``reuse_qdrant``: a running
+    index's ``QdrantStore`` whose client is reused if it talks to the same place (local mode admits one client).
     """
     root = Path(path)
     manifest = read_manifest(root, verify, allow_external_model)
+    version = sha256_file(root / MANIFEST_FILE)[:12]
+    if manifest.backend == "qdrant":
+        from fashion_lightning.retrieval.qdrant import open_qdrant_index
+
+        items = read_items(root / manifest.items.get("file", ITEMS_FILE), manifest, columns)
+        parts = read_parts(root / PARTS_FILE, manifest) if manifest.parts else {}
+        base = LoadedIndex(root, manifest, cast(Any, None), items, parts, None, allow_external_model, version)
+        return open_qdrant_index(base, allow_qdrant_local, reuse_qdrant)
     kind = manifest.index.get("type", "flat")
     vectors_path = root / VECTORS_FILE
     if mmap is None:  # flat scans read every page: mapped 4 KiB file pages measured ~4x slower than RAM
@@ -135,12 +151,16 @@ def load_index(
     elif kind == "hnsw":  # read_index returns the concrete class (SWIG downcast); faiss's stub says Index
         cast(faiss.IndexHNSW, index).hnsw.efSearch = params.ef_search
     configure_threads()
-    return LoadedIndex(root, manifest, index, items, parts, exact, allow_external_model=allow_external_model)
+    return LoadedIndex(root, manifest, index, items, parts, exact, allow_external_model, version)
 
 
 @dataclass(eq=False)
 class LoadedIndex:
-    """A verified index. Rows are faiss labels; ``items.iloc[row]`` describes vector ``row``."""
+    """A verified index. Rows are faiss labels; ``items.iloc[row]`` describes vector ``row``.
+
+    Backends that filter on their own payload (``payload_filters``: Qdrant) get the filters themselves
+    through ``search_where`` instead of a row mask; ``faiss_index`` is None for them.
+    """
 
     path: Path
     manifest: IndexManifest
@@ -149,6 +169,9 @@ class LoadedIndex:
     parts: dict[str, np.ndarray] = field(default_factory=dict)
     exact_vectors: np.ndarray | None = None  # memory-mapped float32 copy (IVF types with rerank > 0)
     allow_external_model: bool = False  # the user trusts a model outside the folder (see verified_model)
+    version: str = ""  # first 12 hex of the manifest's sha256: which index version answered a query
+
+    payload_filters = False
 
     def __post_init__(self) -> None:
         self.ids = self.items["id"].to_numpy(dtype=np.int64)
@@ -287,7 +310,7 @@ class LoadedIndex:
             else:
                 scores, rows = (a[0] for a in self._faiss_search(query, fetch, allowed))
             valid = rows >= 0
-            top_scores, top_rows = _take_unique(scores[valid], rows[valid], k, groups)
+            top_scores, top_rows = take_unique(scores[valid], rows[valid], k, groups)
             if len(top_rows) >= k or fetch >= n_allowed:
                 return top_scores, top_rows
             if not valid.all():  # an approximate index ran out of candidates: score the mask directly
@@ -295,8 +318,23 @@ class LoadedIndex:
                 return self._score_rows(query[0], cand, k, groups)
             fetch = min(n_allowed, fetch * 4)
 
+    def close(self) -> None:
+        """Release what the backend holds open (a Qdrant client; nothing for a FAISS folder)."""
+
+    def search_where(
+        self,
+        query: np.ndarray,
+        k: int,
+        filters: Mapping[str, Sequence[str]],
+        excluded_rows: np.ndarray,
+        groups: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` by filters and excluded rows, for backends with ``payload_filters`` (Qdrant); FAISS
+        indexes take the same query as a row mask through :meth:`search_filtered`."""
+        raise NotImplementedError(f"{type(self).__name__} filters by row mask (search_filtered)")
+
     def _score_rows(self, query: np.ndarray, rows: np.ndarray, k: int, groups: np.ndarray | None):
-        return _take_unique(self.vectors(rows) @ query, rows, k, groups)
+        return take_unique(self.vectors(rows) @ query, rows, k, groups)
 
 
 def _rerank(exact: np.ndarray, queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -313,7 +351,7 @@ def _rerank(exact: np.ndarray, queries: np.ndarray, rows: np.ndarray, k: int) ->
     return out_s, out_r
 
 
-def _take_unique(
+def take_unique(
     scores: np.ndarray, rows: np.ndarray, k: int, groups: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Best ``k`` (score desc), keeping only the first row of each group."""

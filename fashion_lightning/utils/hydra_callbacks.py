@@ -1,4 +1,10 @@
-"""Hydra callbacks: a sweep summary so a multirun ends with one table, not N folders to open."""
+"""Hydra callbacks: a sweep summary so a multirun ends with one table, not N folders to open.
+
+With a parallel launcher (``hydra/launcher=local|slurm|ray_cluster``) every job is its own process,
+possibly on another machine: the summary reads what each job left in its run dir (overrides,
+metrics.json with the ``job/*`` record of the cluster job that ran it, FAILED.txt), so it holds every
+job, also one that failed or was killed before writing metrics.
+"""
 
 from __future__ import annotations
 
@@ -11,17 +17,33 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from fashion_lightning.utils.task_wrapper import FAILURE_MARKER
+
 log = logging.getLogger(__name__)
+
+
+#: Hydra's launcher that runs jobs one after another (any other launcher runs a sweeper's batch at once)
+SERIAL_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 
 
 class SweepSummary(Callback):
     """On multirun end, collect every job's overrides + metrics.json into ``sweep_summary.csv``."""
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        launcher = str(config.hydra.launcher.get("_target_", ""))
+        n_jobs = config.hydra.sweeper.get("n_jobs")
+        if n_jobs == 1 and launcher != SERIAL_LAUNCHER:
+            log.warning(
+                "hydra.sweeper.n_jobs=1: the sweeper hands %s one trial at a time, so trials run one after "
+                "another; set hydra.sweeper.n_jobs=N to run N at once",
+                launcher.rsplit(".", 1)[-1],
+            )
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = []
         for job_dir in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").exists()):
-            row: dict[str, Any] = {"job": job_dir.name}
+            row: dict[str, Any] = {"job": job_dir.name, "status": _status(job_dir)}
             overrides = job_dir / ".hydra" / "overrides.yaml"
             if overrides.exists():
                 row["overrides"] = " ".join(line.lstrip("- ").strip() for line in overrides.read_text().splitlines())
@@ -45,3 +67,10 @@ class SweepSummary(Callback):
             best["job"],
             f"{metric}={best[metric]:.4f}" if metric in frame else "",
         )
+
+
+def _status(job_dir: Path) -> str:
+    """done (metrics.json), failed (FAILED.txt, by any rank), or no result (killed, or still running)."""
+    if any(job_dir.glob(f"{Path(FAILURE_MARKER).stem}*.txt")):
+        return "failed"
+    return "done" if (job_dir / "metrics.json").exists() else "no result"

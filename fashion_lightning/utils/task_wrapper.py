@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import io
 import logging
-import os
 import sys
 import traceback
 import warnings
@@ -37,6 +36,7 @@ from rich.syntax import Syntax
 from rich.tree import Tree
 
 from fashion_lightning.utils.atomic import atomic_write_text
+from fashion_lightning.utils.cluster import env_rank
 from fashion_lightning.utils.config_check import check_config
 from fashion_lightning.utils.run_dir import claim_run_dir
 from fashion_lightning.utils.runtime import apply_runtime
@@ -60,9 +60,10 @@ def _output_dir(cfg: DictConfig) -> Path | None:
 
 
 def _rank() -> int:
-    """This process's global rank: Lightning's once it is imported, else the launcher's environment."""
+    """This process's global rank: Lightning's once it is imported, else the launcher's environment
+    (RANK, LOCAL_RANK, SLURM_PROCID: an srun task > 0 neither claims nor writes the shared run dir)."""
     rank = getattr(rank_zero_only, "rank", None)
-    return int(rank if rank is not None else os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+    return int(rank) if rank is not None else env_rank()
 
 
 def _rank_suffix() -> str:
