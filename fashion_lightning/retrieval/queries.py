@@ -120,7 +120,7 @@ def _lossless_bytes(image: np.ndarray | Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _embed_and_predict(encoder: Encoder, images: torch.Tensor) -> tuple[Any, dict[str, list[str]]]:
+def embed_and_predict(encoder: Encoder, images: torch.Tensor) -> tuple[Any, dict[str, list[str]]]:
     """Embeddings and predicted attributes of query photos, in one forward pass where the encoder can."""
     both = getattr(encoder, "embed_and_predict", None)
     if callable(both):
@@ -134,7 +134,7 @@ def _embed_and_predict(encoder: Encoder, images: torch.Tensor) -> tuple[Any, dic
     return embedded, dict(predictions)
 
 
-def _to_tensor(natives: np.ndarray, encoder: Encoder) -> torch.Tensor | np.ndarray:
+def to_tensor(natives: np.ndarray, encoder: Encoder) -> torch.Tensor | np.ndarray:
     """[B, H, W, 3] -> [B, 3, H, W] on the encoder's device (a numpy array for ``accepts_numpy`` encoders,
     e.g. the server's worker processes, so the serving process never imports torch)."""
     channels_first = np.ascontiguousarray(natives.transpose(0, 3, 1, 2))
@@ -147,7 +147,7 @@ def _to_tensor(natives: np.ndarray, encoder: Encoder) -> torch.Tensor | np.ndarr
     return batch.to(device) if device is not None else batch
 
 
-def _infer(fn: Callable[..., Any], *args: Any) -> Any:
+def infer(fn: Callable[..., Any], *args: Any) -> Any:
     """Run an encoder call without autograd bookkeeping."""
     if isinstance(args[-1], np.ndarray) or getattr(getattr(fn, "__self__", None), "accepts_numpy", False):
         return fn(*args)  # runs elsewhere (worker processes): nothing to track here

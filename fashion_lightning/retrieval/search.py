@@ -310,7 +310,7 @@ class LoadedIndex:
             else:
                 scores, rows = (a[0] for a in self._faiss_search(query, fetch, allowed))
             valid = rows >= 0
-            top_scores, top_rows = _take_unique(scores[valid], rows[valid], k, groups)
+            top_scores, top_rows = take_unique(scores[valid], rows[valid], k, groups)
             if len(top_rows) >= k or fetch >= n_allowed:
                 return top_scores, top_rows
             if not valid.all():  # an approximate index ran out of candidates: score the mask directly
@@ -334,7 +334,7 @@ class LoadedIndex:
         raise NotImplementedError(f"{type(self).__name__} filters by row mask (search_filtered)")
 
     def _score_rows(self, query: np.ndarray, rows: np.ndarray, k: int, groups: np.ndarray | None):
-        return _take_unique(self.vectors(rows) @ query, rows, k, groups)
+        return take_unique(self.vectors(rows) @ query, rows, k, groups)
 
 
 def _rerank(exact: np.ndarray, queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -351,7 +351,7 @@ def _rerank(exact: np.ndarray, queries: np.ndarray, rows: np.ndarray, k: int) ->
     return out_s, out_r
 
 
-def _take_unique(
+def take_unique(
     scores: np.ndarray, rows: np.ndarray, k: int, groups: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Best ``k`` (score desc), keeping only the first row of each group."""

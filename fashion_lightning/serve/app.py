@@ -120,7 +120,7 @@ def create_app(
     app.add_middleware(RequestGuard, settings=settings)  # security headers, body size and JSON depth
     # a thread semaphore, not an anyio limiter: it holds whatever event loop (or test client) calls it
     # worker processes batch waiting photos themselves: let up to a batch per worker through at once
-    per_worker = getattr(recommender._encoder, "max_batch", 1)  # noqa: SLF001 (set at start-up or None)
+    per_worker = getattr(recommender.loaded_encoder, "max_batch", 1)  # set at start-up, or None
     limiter = threading.BoundedSemaphore(max(1, settings.inference_workers) * per_worker)
     infos: dict[str, dict[str, Any]] = {}  # /info per index version (a LiveRecommender may reload another)
     page = resources.files("fashion_lightning.serve") / PAGE_DIR
@@ -155,7 +155,7 @@ def create_app(
         responses={503: {"description": "degraded: no inference worker is alive (one is being started)"}},
     )
     async def health() -> JSONResponse:
-        workers = getattr(recommender._encoder, "health", None)  # noqa: SLF001 (worker processes, if any)
+        workers = getattr(recommender.loaded_encoder, "health", None)  # worker processes, if any
         state = workers() if callable(workers) else {}
         degraded = state.get("alive") == 0
         body = {"status": "degraded" if degraded else "ok", "items": recommender.index.n, **state}
@@ -358,7 +358,7 @@ def _info(recommender: Recommender, settings: ServeSettings) -> dict[str, Any]:
         },
         "model": model,
         "text_queries": bool(index.parts) or "clip" in str(model.get("embedding_name", "")).lower(),
-        "photo_queries": bool(model.get("model") or model.get("checkpoint")) or recommender._encoder is not None,
+        "photo_queries": bool(model.get("model") or model.get("checkpoint")) or recommender.loaded_encoder is not None,
         "filters": values,
         "limits": settings.public(),
     }

@@ -57,7 +57,7 @@ def build(cfg: DictConfig):
 
             torch.set_num_threads(int(cfg.torch_threads))
         recommender.encoder  # noqa: B018  (loads it now, not on the first photo query)
-    close = getattr(recommender._encoder, "close", None)  # worker processes end with the server
+    close = getattr(recommender.loaded_encoder, "close", None)  # worker processes end with the server
     live = LiveRecommender(  # POST /admin/reload swaps in a new index version (serve/reload.py)
         recommender,
         cfg.index_dir,

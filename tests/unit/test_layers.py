@@ -55,3 +55,23 @@ def test_no_import_points_up_a_layer():
             if other is not None and other > own:
                 upward.append(f"{module} -> {target}")
     assert not upward, "imports that point up a layer (" + " <- ".join(LAYERS) + " <- apps):\n" + "\n".join(upward)
+
+
+def test_no_module_imports_another_modules_private_name():
+    private = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fashion_lightning"):
+                names = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                private += [f"{path.relative_to(PACKAGE)}: {node.module}.{name}" for name in names]
+    assert not private, "private names imported across modules (make them public):\n" + "\n".join(private)
+
+
+def test_readme_layout_names_every_subpackage_in_layer_order():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    first_words = [line.split()[0] for line in section.splitlines() if line.startswith("  ") and line.strip()]
+    rooms = [word[:-1] for word in first_words if word.endswith("/")]
+    subpackages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert set(rooms) == subpackages, f"README's Layout lists {sorted(rooms)}, the package has {sorted(subpackages)}"
+    assert [room for room in rooms if room in LAYERS] == list(LAYERS)
