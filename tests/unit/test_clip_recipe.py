@@ -317,8 +317,8 @@ def test_tiny_recipe_run_learns() -> None:
 
 
 def test_evaluation_callback_reports_background_robustness(tmp_path, synthetic_dm_kwargs: dict) -> None:
-    from fashion_lightning.data.datamodule import FashionDataModule
     from fashion_lightning.callbacks.evaluation import EvaluationCallback
+    from fashion_lightning.data.datamodule import FashionDataModule
 
     dm = FashionDataModule(**synthetic_dm_kwargs)
     dm.setup("test")
