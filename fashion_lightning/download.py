@@ -16,7 +16,7 @@ from rich.console import Console
 
 from fashion_lightning.data.download import DownloadError, download_dataset, next_commands
 from fashion_lightning.data.source import CatalogNotFoundError
-from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
+from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log
 from fashion_lightning.utils.config_check import ConfigError
 from fashion_lightning.utils.reporting import update_json
 from fashion_lightning.utils.task_wrapper import task_wrapper
@@ -35,7 +35,6 @@ def download(cfg: DictConfig, console: Console | None = None) -> Path:
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="download")
 def main(cfg: DictConfig) -> None:
-    quiet_runtime()
     try:
         download(cfg)
     except (ConfigError, DownloadError, CatalogNotFoundError, FileExistsError) as err:

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fashion_lightning.data.eda import EdaResult, run_eda
-from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
+from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log
 from fashion_lightning.utils.config_check import one_line_errors
 from fashion_lightning.utils.task_wrapper import task_wrapper
 
@@ -46,7 +46,6 @@ def print_summary(result: EdaResult, console: Console | None = None) -> None:
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="eda")
 def main(cfg: DictConfig) -> None:
-    quiet_runtime()
     with one_line_errors(FileNotFoundError):
         result = eda(cfg)
     log.info("EDA report written to %s", result.report_path)

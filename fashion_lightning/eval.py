@@ -14,7 +14,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from fashion_lightning.models.base import CheckpointError, load_module
-from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
+from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log
+from fashion_lightning.utils.cluster import job_record
 from fashion_lightning.utils.config_check import one_line_errors
 from fashion_lightning.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from fashion_lightning.utils.reporting import print_summary, update_json
@@ -49,6 +50,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "eval_split": cfg.data.split,
             "eval_items": len(datamodule.predict_frame),
             "unseen_labels": unseen,
+            **job_record(),  # which cluster job / process made this run
         }
     )
     if trainer.is_global_zero:
@@ -60,7 +62,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    quiet_runtime()
     with one_line_errors(CheckpointError, FileNotFoundError):
         evaluate(cfg)
 

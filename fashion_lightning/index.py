@@ -65,8 +65,8 @@ from fashion_lightning.retrieval.update import (
     with_content_hash,
 )
 from fashion_lightning.retrieval.writer import IndexWriter
-from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
-from fashion_lightning.utils.atomic import atomic_dir, atomic_write_text
+from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log
+from fashion_lightning.utils.atomic import atomic_dir, atomic_write_text, remove_dead_temps, temp_prefix
 from fashion_lightning.utils.config_check import ConfigError, one_line_errors
 from fashion_lightning.utils.task_wrapper import task_wrapper
 
@@ -261,7 +261,8 @@ def _place_model(module: FashionModule, source: Path, out_dir: Path) -> Path:
     if is_artifact(source):
         ours = artifact_identity(source)
     else:  # the artefact this .ckpt would give, written aside to compare its weights' sha256
-        with tempfile.TemporaryDirectory(prefix=".tmp-model-", dir=out_dir) as scratch:
+        remove_dead_temps(out_dir)  # a scratch copy a killed build left
+        with tempfile.TemporaryDirectory(prefix=temp_prefix(MODEL_DIR), dir=out_dir) as scratch:
             ours = artifact_identity(save_artifact(module, Path(scratch) / MODEL_DIR))
     if artifact_identity(target) != ours:
         raise CheckpointError(f"{target} holds another model than {source}; use a new index_dir")
@@ -270,7 +271,6 @@ def _place_model(module: FashionModule, source: Path, out_dir: Path) -> Path:
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="index")
 def main(cfg: DictConfig) -> None:
-    quiet_runtime()
     with one_line_errors(CheckpointError, FileNotFoundError, RetrievalError):
         build(cfg)
 

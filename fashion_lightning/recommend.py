@@ -21,7 +21,7 @@ from fashion_lightning.data.source import CatalogNotFoundError, CatalogSource
 from fashion_lightning.retrieval import RecommendationResult, Recommender, RetrievalError
 from fashion_lightning.retrieval.gallery import render_gallery, results_table
 from fashion_lightning.retrieval.queries import check_k
-from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
+from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log
 from fashion_lightning.utils.config_check import ConfigError
 from fashion_lightning.utils.task_wrapper import task_wrapper
 from fashion_lightning.utils.terminal import escape_markup
@@ -72,7 +72,6 @@ def recommend(cfg: DictConfig) -> RecommendationResult:
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="recommend")
 def main(cfg: DictConfig) -> None:
-    quiet_runtime()
     try:
         recommend(cfg)
     except (ConfigError, RetrievalError, CatalogNotFoundError, FileNotFoundError) as err:

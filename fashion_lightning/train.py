@@ -13,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fashion_lightning.models.artifact import ARTIFACT_DIR, save_artifact
 from fashion_lightning.models.base import CheckpointError, FashionModule, load_module, read_checkpoint
-from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
+from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log
+from fashion_lightning.utils.cluster import job_record
 from fashion_lightning.utils.config_check import one_line_errors
 from fashion_lightning.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from fashion_lightning.utils.reporting import print_summary, update_json
@@ -65,6 +66,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if best_checkpoint := _best_checkpoint(trainer):
             metrics["best_checkpoint"] = best_checkpoint
         metrics["model"] = str(_write_model(model, metrics.get("best_checkpoint"), cfg.paths.output_dir))
+        metrics.update(job_record())  # which cluster job / process made this run (a sweep summary column)
         metrics = update_json(f"{cfg.paths.output_dir}/metrics.json", metrics)
         print_summary(metrics, "test" if cfg.test else "val", datamodule.vocabs.tasks)
         log.info("run dir: %s", cfg.paths.output_dir)
@@ -87,7 +89,6 @@ def _best_checkpoint(trainer: L.Trainer) -> str:
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    quiet_runtime()
     with one_line_errors(CheckpointError, FileNotFoundError):
         metrics = train(cfg)
     metric = cfg.get("optimized_metric")

@@ -23,11 +23,13 @@ from torch.utils.data import DataLoader
 from fashion_lightning.data.catalog import Catalog, load_catalog
 from fashion_lightning.data.class_weights import balanced_class_weights
 from fashion_lightning.data.dataset import FashionDataset, seed_worker_transform
+from fashion_lightning.data.duplicates import image_digests, positive_groups
 from fashion_lightning.data.image_cache import ImageCache, attach_images, build_image_cache
 from fashion_lightning.data.images import NATIVE_HW
-from fashion_lightning.data.sampling import EpochShuffleSampler
+from fashion_lightning.data.sampling import EpochShuffleSampler, GroupedShuffleSampler
 from fashion_lightning.data.schema import ALL_TASKS, TASKS
 from fashion_lightning.data.splits import SPLITS, load_splits, save_splits, stratified_split
+from fashion_lightning.data.trunk_cache import CachedTrunkDataset, TrunkEncoder, ensure_trunk_cache
 from fashion_lightning.data.vocab import LabelVocabs
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,8 @@ class FashionDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = True,
         decode_workers: int | None = None,
+        hard_negatives: Mapping[str, Any] | None = None,
+        positive_groups: bool = False,
     ) -> None:
         super().__init__()
         if split not in EVAL_SPLITS:
@@ -77,6 +81,7 @@ class FashionDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size must be >= 1 and num_workers >= 0 (got {batch_size}, {num_workers})")
         if max_items is not None and max_items < 10:
             raise ValueError(f"max_items must be >= 10 or null, got {max_items}")
+        hard_negatives = _hard_negative_config(hard_negatives)
         # plain lists, not OmegaConf containers: checkpoints must load with weights_only=True
         tasks, exclude_master_categories = list(tasks), list(exclude_master_categories)
         class_weight_clip = [float(v) for v in class_weight_clip]
@@ -97,6 +102,8 @@ class FashionDataModule(L.LightningDataModule):
         self.class_weights: dict[str, Any] = {}
         self.datasets: dict[str, FashionDataset] = {}
         self.epoch = 0  # the epoch the next train pass shuffles by (EpochShuffleSampler; set by EpochSeed)
+        self._trunk: tuple[TrunkEncoder, int, str] | None = None  # set by a model with cache_trunk
+        self._trunk_datasets: dict[str, CachedTrunkDataset] = {}
 
     # -- preparation ----------------------------------------------------------------------
     def catalog_root(self) -> Path:
@@ -138,6 +145,7 @@ class FashionDataModule(L.LightningDataModule):
         if self.train_transform is not None and hasattr(self.train_transform, "set_random_seed"):
             self.train_transform.set_random_seed(self.hparams.split_seed)  # reproducible with num_workers=0
         self.datasets = {name: self._dataset(f, train=name == "train") for name, f in self.frames.items()}
+        self._bind_background_bank()
         self._write_reports(frame, split)
         sizes = ", ".join(f"{k}={len(v)}" for k, v in self.frames.items())
         log.info("data ready: %s; classes %s", sizes, self.vocabs.num_classes)
@@ -177,6 +185,10 @@ class FashionDataModule(L.LightningDataModule):
     def _dataset(self, frame: pd.DataFrame, train: bool) -> FashionDataset:
         vocabs, cache, _ = self._built()
         h, w = cache.size_hw
+        groups = None
+        if self.hparams.positive_groups:
+            digests = image_digests(cache.open_images(), frame["cache_row"].tolist())
+            groups = positive_groups(frame["productDisplayName"].tolist(), digests)
         return FashionDataset(
             images_path=cache.images_path,
             cache_shape=(len(cache.ids), h, w, 3),
@@ -185,7 +197,29 @@ class FashionDataModule(L.LightningDataModule):
             ids=frame["id"].to_numpy(),
             texts=self.texts(frame),
             transform=self.train_transform if train else None,
+            positive_groups=groups,
         )
+
+    def hard_negative_groups(self, frame: pd.DataFrame) -> list[int]:
+        """One group id per row: rows equal in every ``hard_negatives.columns`` value share one."""
+        columns = self.hparams.hard_negatives["columns"]
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            raise ValueError(f"hard_negatives.columns {missing} are not catalog columns")
+        keys = frame[list(columns)].astype(str).agg("\x1f".join, axis=1)
+        return pd.factorize(keys)[0].tolist()
+
+    def _bind_background_bank(self) -> None:
+        """Give background-compositing transforms the training photos to paste products on."""
+        if self.train_transform is None or not len(self.frames.get("train", [])):
+            return
+        _, cache, _ = self._built()
+        h, w = cache.size_hw
+        rows = self.frames["train"]["cache_row"].to_numpy()
+        for transform in _walk_transforms(self.train_transform):
+            bind = getattr(transform, "bind_bank", None)
+            if callable(bind):
+                bind(str(cache.images_path), (len(cache.ids), h, w, 3), rows)
 
     @rank_zero_only
     def _write_reports(self, frame: pd.DataFrame, split: pd.Series) -> None:
@@ -201,15 +235,52 @@ class FashionDataModule(L.LightningDataModule):
         """Labels in ``split`` that the vocabulary never saw (evaluating a checkpoint on new data)."""
         return self._built()[0].unseen_labels(self.frames[split or self.hparams.split])
 
+    # -- cached partial trunk -------------------------------------------------------------
+    def use_trunk_cache(self, encoder: TrunkEncoder, views: int, dtype: str = "float16") -> None:
+        """Serve train/val/test as cached activations at the model's cut (``model.cache_trunk``); the train
+        split gets ``views`` augmented views per item, the others one un-augmented view. Built lazily, when a
+        loader is first asked for (the model is on its device by then)."""
+        if (
+            self._trunk is not None
+            and self._trunk[0].fingerprint == encoder.fingerprint
+            and self._trunk[1:] == (views, dtype)
+        ):
+            self._trunk = (encoder, views, dtype)  # same activations: keep the datasets already opened
+            return
+        self._trunk = (encoder, views, dtype)
+        self._trunk_datasets = {}
+
+    def trunk_dataset(self, name: str, train: bool = False) -> CachedTrunkDataset:
+        """The split's cached activations (built, resumed or repaired on first use)."""
+        if self._trunk is None:
+            raise RuntimeError("use_trunk_cache() has not been called")
+        if name not in self._trunk_datasets:
+            encoder, views, dtype = self._trunk
+            items = self.datasets[name]
+            cache = ensure_trunk_cache(
+                items, encoder, self.cache_dir, views if train else 1, dtype,
+                transform=self.train_transform if train else None, seed=self.hparams.split_seed,
+                batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
+            )  # fmt: skip
+            log.info("trunk cache for %s: %s, %s, %.1f MB", name, cache.path, cache.shape, cache.nbytes / 1e6)
+            self._trunk_datasets[name] = CachedTrunkDataset(cache, items)
+        return self._trunk_datasets[name]
+
     # -- loaders --------------------------------------------------------------------------
-    def _loader(self, name: str, train: bool = False) -> DataLoader:
-        dataset = self.datasets[name]
+    def _loader(self, name: str, train: bool = False, cached: bool = True) -> DataLoader:
+        dataset: Any = self.trunk_dataset(name, train) if cached and self._trunk is not None else self.datasets[name]
         workers = self.hparams.num_workers
         batch = self.hparams.batch_size if train else (self.hparams.eval_batch_size or self.hparams.batch_size)
+        sampler: EpochShuffleSampler | None = None
+        if train and self.hparams.hard_negatives:
+            groups = self.hard_negative_groups(self.frames[name])
+            sampler = GroupedShuffleSampler(groups, self.hparams.hard_negatives["chunk"], self.hparams.split_seed, self)
+        elif train:
+            sampler = EpochShuffleSampler(len(dataset), self.hparams.split_seed, self)
         return DataLoader(
             dataset,
             batch_size=batch,
-            sampler=EpochShuffleSampler(len(dataset), self.hparams.split_seed, self) if train else None,
+            sampler=sampler,
             drop_last=train and len(dataset) > batch,
             num_workers=workers,
             pin_memory=self.hparams.pin_memory,
@@ -227,7 +298,7 @@ class FashionDataModule(L.LightningDataModule):
         return self._loader(self.hparams.split)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.hparams.split)
+        return self._loader(self.hparams.split, cached=False)  # embeddings for an index come from whole images
 
     @property
     def predict_frame(self) -> pd.DataFrame:
@@ -240,3 +311,25 @@ class FashionDataModule(L.LightningDataModule):
         rows = dict(zip(catalog.frame["id"].tolist(), catalog.frame["cache_row"].tolist()))
         images = cache.open_images()
         return lambda item_id: np.asarray(images[rows[int(item_id)]])
+
+
+def _hard_negative_config(value: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """``{columns: [...], chunk: n}`` checked and as plain containers (null / {} = off)."""
+    if not value:
+        return None
+    unknown = set(value) - {"columns", "chunk"}
+    if unknown:
+        raise ValueError(f"hard_negatives takes 'columns' and 'chunk', got {sorted(unknown)}")
+    columns = [str(c) for c in value.get("columns", ("articleType", "gender"))]
+    chunk = int(value.get("chunk", 16))
+    if not columns or chunk < 2:
+        raise ValueError(f"hard_negatives needs at least one column and chunk >= 2, got {columns}, {chunk}")
+    return {"columns": columns, "chunk": chunk}
+
+
+def _walk_transforms(transform: Any) -> list[Any]:
+    """A transform and, for albumentations Compose / OneOf / ..., everything nested in it."""
+    found = [transform]
+    for child in getattr(transform, "transforms", None) or []:
+        found += _walk_transforms(child)
+    return found

@@ -25,7 +25,7 @@ def seed_worker_transform(worker_id: int) -> None:
 
 
 class FashionDataset(Dataset):
-    """Yields the batch-contract dict: uint8 CHW image, label row, id, text.
+    """Yields the batch-contract dict: uint8 CHW image, label row, id, text (+ ``positive_group`` when given).
 
     The memmap is opened lazily in each worker process (an open memmap would be pickled
     by value into every worker).
@@ -40,6 +40,7 @@ class FashionDataset(Dataset):
         ids: np.ndarray,
         texts: list[str],
         transform: Callable | None = None,
+        positive_groups: np.ndarray | None = None,
     ) -> None:
         if not len(cache_rows) == len(labels) == len(ids) == len(texts):
             raise ValueError("cache_rows, labels, ids and texts must have equal length")
@@ -50,6 +51,10 @@ class FashionDataset(Dataset):
         self.ids = torch.tensor(np.asarray(ids), dtype=torch.int64)
         self.texts = list(texts)
         self.transform = transform
+        # same-product group per item (same title / identical photo), for multi-positive contrastive losses
+        self.positive_groups = None if positive_groups is None else torch.as_tensor(positive_groups, dtype=torch.int64)
+        if self.positive_groups is not None and len(self.positive_groups) != len(self.ids):
+            raise ValueError("positive_groups must have one entry per item")
         self._images: np.memmap | None = None
         self._stream_seed: int | None = None  # the epoch seed the augmentation was last reseeded with
 
@@ -82,9 +87,12 @@ class FashionDataset(Dataset):
         img = self.image(index)
         if self.transform is not None:
             img = self.transform(image=img)["image"]
-        return {
+        item = {
             "image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
             "labels": self.labels[index],
             "id": self.ids[index],
             "text": self.texts[index],
         }
+        if self.positive_groups is not None:
+            item["positive_group"] = self.positive_groups[index]
+        return item

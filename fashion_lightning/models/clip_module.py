@@ -18,19 +18,32 @@ adds zero-shot accuracy per task and Marqo's KAGL retrieval benchmark.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from fashion_lightning.data.duplicates import normalise_title
 from fashion_lightning.data.vocab import LabelVocabs
 from fashion_lightning.models import registry
 from fashion_lightning.models.base import FashionModule, as_vocabs, plain
 from fashion_lightning.models.clip import MAX_LOGIT_SCALE, ClipFusionNet, fuse
 from fashion_lightning.models.finetune import ema_callbacks
-from fashion_lightning.models.losses import IGNORE_INDEX, MultiTaskLoss, fill_class_weights
+from fashion_lightning.models.fusion import FUSIONS, FusionGate
+from fashion_lightning.models.losses import (
+    IGNORE_INDEX,
+    MultiTaskLoss,
+    SigmoidContrastive,
+    fill_class_weights,
+    multi_positive_infonce,
+    positive_mask,
+    supervised_contrastive,
+)
 from fashion_lightning.models.optim import configure, split_optimizer_config
 from fashion_lightning.models.preprocess import DeviceInput
 
@@ -38,6 +51,7 @@ if TYPE_CHECKING:
     from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 
 MODES = ("frozen", "finetune")
+LOSSES = ("infonce", "siglip")
 DEFAULT_OPTIMIZER = {
     "_target_": "torch.optim.AdamW",
     "lr": 1e-5,  # pretrained towers: gentle, as in CLIP fine-tuning
@@ -62,9 +76,14 @@ class ClipFusionModule(FashionModule):
         task_weights: Mapping[str, float] | None = None,
         label_smoothing: float = 0.0,
         contrastive_weight: float = 1.0,
+        loss: str = "infonce",
+        siglip_init_bias: float = -5.0,
+        multi_positive: bool = False,
+        fusion: str = "fixed",
+        fusion_weight: float = 0.0,
         optimizer: Mapping[str, Any] | None = None,
         scheduler: Mapping[str, Any] | None = None,
-        zero_shot_prompt: str | Mapping[str, str] = "a photo of a {label}",
+        zero_shot_prompt: str | Sequence[str] | Mapping[str, str | Sequence[str]] = "a photo of a {label}",
         kagl: bool = True,
         kagl_max_queries: int | None = 2000,
         channels_last: bool = False,
@@ -76,6 +95,7 @@ class ClipFusionModule(FashionModule):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not 0.0 <= float(alpha) <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        check_recipe(loss, fusion, fusion_weight, zero_shot_prompt)
         self.vocabs = as_vocabs(vocabs)
         net_cfg = plain(net)
         self.save_hyperparameters(ignore=["net", "class_weights", "vocabs"])
@@ -106,6 +126,9 @@ class ClipFusionModule(FashionModule):
         self.optimizer_cfg, self.group_rules, legacy = split_optimizer_config(self.hparams.optimizer, DEFAULT_OPTIMIZER)
         self.scheduler_cfg = {**DEFAULT_SCHEDULER, **legacy, **dict(self.hparams.scheduler or {})}
         self.clip_loss: nn.Module | None = None
+        # the recipe's trainable extras (new parameters: trained at new_lr, saved in the state dict)
+        self.sigmoid_loss = SigmoidContrastive(siglip_init_bias) if loss == "siglip" else None
+        self.gate = FusionGate(self.net.embed_dim, alpha) if fusion == "gated" else None
         self._class_text: dict[str, torch.Tensor] | None = None
         self._text_cache: dict[str, torch.Tensor] = {}  # locked text tower only (see _train_text_embedding)
         self._new_param_names = self._parameters_without_pretraining()
@@ -134,18 +157,21 @@ class ClipFusionModule(FashionModule):
 
     @property
     def requires_training(self) -> bool:
-        """False for a frozen net without heads: nothing to fit, the train app only tests."""
-        return self.hparams.mode == "finetune" or bool(self.hparams.heads)
+        """False for a frozen net without heads or gate: nothing to fit, the train app only tests."""
+        return self.hparams.mode == "finetune" or bool(self.hparams.heads) or self.gate is not None
 
     @property
     def embedding_name(self) -> str:  # type: ignore[override]
+        if self.gate is not None:
+            return f"clip_fused(gated, start alpha={self.hparams.alpha:g})"
         return f"clip_fused(alpha={self.hparams.alpha:g})"
 
-    def prompt_template(self, task: str) -> str:
+    def prompt_templates(self, task: str) -> list[str]:
+        """The task's zero-shot templates: one, or an ensemble whose class embeddings are averaged."""
         prompts = self.hparams.zero_shot_prompt
         if isinstance(prompts, Mapping):
-            return str(prompts.get(task, prompts.get("default", "a photo of a {label}")))
-        return str(prompts)
+            prompts = prompts.get(task, prompts.get("default", "a photo of a {label}"))
+        return [str(prompts)] if isinstance(prompts, str) else [str(p) for p in prompts]
 
     def _parameters_without_pretraining(self) -> set[str]:
         """Names of net parameters that start random (the image projection a timm tower gets, ...)."""
@@ -161,7 +187,41 @@ class ClipFusionModule(FashionModule):
     def setup(self, stage: str) -> None:
         self.clip_loss = None  # rebuilt for this trainer's world size
 
-    def _contrastive(self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def _contrastive(
+        self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, batch: Mapping[str, Any]
+    ) -> torch.Tensor:
+        """The configured image-text loss; under DDP every rank's negatives are gathered (with grad).
+
+        ``infonce`` without ``multi_positive`` is open_clip's ``ClipLoss``; otherwise the
+        positives are the diagonal plus, with ``multi_positive``, every pair with the same
+        title or photo (:func:`contrastive_keys`).
+        """
+        if self.hparams.loss == "infonce" and not self.hparams.multi_positive:
+            return self._clip_loss(image, text, scale)
+        keys = contrastive_keys(batch, len(image), self.hparams.multi_positive, image.device)
+        image, text, keys = self._gather(image, text, keys)
+        positives = positive_mask(keys[:, 0]) | positive_mask(keys[:, 1]) | positive_mask(keys[:, 2])
+        if self.sigmoid_loss is not None:
+            return self.sigmoid_loss(image, text, scale, positives)
+        return multi_positive_infonce(image, text, scale, positives)
+
+    def _gather(
+        self, image: torch.Tensor, text: torch.Tensor, keys: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None or trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return image, text, keys
+        world = trainer.world_size
+        from open_clip.loss import gather_features
+
+        image, text = gather_features(image, text, gather_with_grad=True, rank=trainer.global_rank, world_size=world)
+        parts = [torch.empty_like(keys) for _ in range(world)]
+        torch.distributed.all_gather(parts, keys)
+        keys = torch.cat(parts)
+        keys[:, 0] = torch.arange(len(keys), device=keys.device)  # positions are per rank: renumber globally
+        return image, text, keys
+
+    def _clip_loss(self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """open_clip's symmetric InfoNCE; under DDP it gathers every rank's negatives (with grad)."""
         if self.clip_loss is None:
             from open_clip.loss import ClipLoss
@@ -197,15 +257,22 @@ class ClipFusionModule(FashionModule):
         if "text" not in batch:
             return {"embedding": image, "image_embedding": image}
         text = self.embed_texts(batch["text"])
-        return {"embedding": fuse(image, text, self.hparams.alpha), "image_embedding": image, "text_embedding": text}
+        return {"embedding": self.fuse(image, text), "image_embedding": image, "text_embedding": text}
+
+    def fuse(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The item embedding: the learned per-item gate, or the fixed ``alpha``."""
+        return self.gate(image, text) if self.gate is not None else fuse(image, text, self.hparams.alpha)
 
     def class_text_embeddings(self) -> dict[str, torch.Tensor]:
         """Per task, the normalised prompt embedding of every class (cached until the weights change)."""
         if self._class_text is None:
-            self._class_text = {
-                task: self.embed_texts([self.prompt_template(task).format(label=c) for c in vocab.classes])
-                for task, vocab in self.vocabs.items()
-            }
+            self._class_text = {}
+            for task, vocab in self.vocabs.items():
+                per_template = [
+                    self.embed_texts([template.format(label=c) for c in vocab.classes])
+                    for template in self.prompt_templates(task)
+                ]  # an ensemble averages the normalised embeddings of each class (CLIP's prompt ensembling)
+                self._class_text[task] = F.normalize(torch.stack(per_template).mean(0), dim=-1)
         return self._class_text
 
     def zero_shot_logits(self, image_embedding: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -237,10 +304,23 @@ class ClipFusionModule(FashionModule):
         return self
 
     def on_fit_start(self) -> None:
-        # locked towers are in eval mode on purpose (see ClipFusionNet.train); Lightning warns about it
+        # locked towers are in eval mode on purpose (see ClipFusionNet.train); Lightning warns about it between
+        # this hook and on_train_start: that one message is silenced for that span only, then the filters are
+        # restored (in on_train_start, or teardown when fit ends before training starts)
+        self._fit_warnings = contextlib.ExitStack()
+        self._fit_warnings.enter_context(warnings.catch_warnings())
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
+    def _restore_warnings(self) -> None:
+        stack = self.__dict__.pop("_fit_warnings", None)
+        if stack is not None:
+            stack.close()
+
+    def teardown(self, stage: str) -> None:
+        self._restore_warnings()
+
     def on_train_start(self) -> None:
+        self._restore_warnings()
         self.train()  # Lightning keeps modules' modes as found; apply the frozen-part rules above
         self._text_cache.clear()
 
@@ -249,7 +329,7 @@ class ClipFusionModule(FashionModule):
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         if not self.requires_training:
-            raise RuntimeError("a frozen ClipFusionModule without heads has nothing to train; run test only")
+            raise RuntimeError("a frozen ClipFusionModule without heads or gate has nothing to train; run test only")
         bs = len(batch["id"])
         finetune = self.hparams.mode == "finetune"
         with torch.set_grad_enabled(finetune):
@@ -258,10 +338,14 @@ class ClipFusionModule(FashionModule):
         if finetune and self.hparams.contrastive_weight > 0:
             text = self._train_text_embedding(batch["text"])
             scale = self.net.scale()
-            contrastive = self._contrastive(image, text, scale)
+            contrastive = self._contrastive(image, text, scale, batch)
             total = total + self.hparams.contrastive_weight * contrastive
             self.log("train/loss/contrastive", contrastive, batch_size=bs)
             self.log("train/logit_scale", scale.detach(), batch_size=bs)
+        if self.hparams.fusion_weight > 0:
+            fusion = self._fusion_loss(image, batch)
+            total = total + self.hparams.fusion_weight * fusion
+            self.log("train/loss/fusion", fusion, batch_size=bs)
         if self.heads:
             assert self.task_loss is not None  # built whenever heads are
             losses = self.task_loss(self._head_logits(image.detach() if not finetune else image), batch["labels"])
@@ -269,6 +353,15 @@ class ClipFusionModule(FashionModule):
             self.log_dict({f"train/loss/{t}": losses[t] for t in self.heads}, batch_size=bs)
         self.log("train/loss", total, prog_bar=True, batch_size=bs)
         return total
+
+    def _fusion_loss(self, image: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
+        """SupCon on the fused embeddings, same articleType = positive: trains the gate (and the towers)
+        for what the fused vector serves, recommending products of the same kind."""
+        if "articleType" not in self.vocabs.tasks:
+            raise ValueError("fusion_weight > 0 needs the articleType task in the vocabulary")
+        text = self._train_text_embedding(batch["text"])
+        groups = batch["labels"][:, self.vocabs.tasks.index("articleType")]
+        return supervised_contrastive(self.fuse(image, text), groups, self.net.scale().detach())
 
     def _train_text_embedding(self, texts: Sequence[str]) -> torch.Tensor:
         """Text embeddings for the loss; a fully locked text tower is a fixed function, so its
@@ -298,7 +391,7 @@ class ClipFusionModule(FashionModule):
         text = self._text_embedding(batch["text"]).float()
         bs = len(batch["id"])
         scale = self.net.scale()
-        loss = self._contrastive(image, text, scale) if len(image) > 1 else image.new_zeros(())
+        loss = self._contrastive(image, text, scale, batch) if len(image) > 1 else image.new_zeros(())
         logits = self._head_logits(image) if self.heads else self.zero_shot_logits(image)
         if self.heads:
             assert self.task_loss is not None  # built whenever heads are
@@ -309,7 +402,7 @@ class ClipFusionModule(FashionModule):
             "labels": batch["labels"],
             "id": batch["id"],
             "logits": logits,
-            "embedding": fuse(image, text, self.hparams.alpha),
+            "embedding": self.fuse(image, text),
             "image_embedding": image,
             "text_embedding": text,
             "text": list(batch["text"]),
@@ -363,10 +456,45 @@ class ClipFusionModule(FashionModule):
         new_scale = float(self.group_rules.get("new_lr", self.optimizer_cfg["lr"])) / float(self.optimizer_cfg["lr"])
 
         def lr_scale(name: str) -> float:
-            new = name.startswith("heads.") or name in self._new_param_names or "logit_scale" in name
+            new = name.startswith(("heads.", "gate.", "sigmoid_loss.")) or name in self._new_param_names
+            new = new or "logit_scale" in name
             return new_scale if new else 1.0
 
         return configure(
             self.named_parameters(), self.optimizer_cfg, self.scheduler_cfg, {},
             self.trainer.estimated_stepping_batches, self.device, lr_scale,
         )  # fmt: skip
+
+
+def check_recipe(loss: str, fusion: str, fusion_weight: float, prompts: Any) -> None:
+    """The recipe options' values (one clear message each)."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+    if fusion_weight < 0 or (fusion == "gated" and fusion_weight == 0):
+        raise ValueError(
+            f"fusion_weight must be >= 0, and > 0 for a gated fusion (its training signal); got {fusion_weight}"
+        )
+    for templates in prompts.values() if isinstance(prompts, Mapping) else [prompts]:
+        if not isinstance(templates, str) and not templates:
+            raise ValueError("a zero-shot prompt ensemble needs at least one template")
+
+
+def _stable_hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "little")
+
+
+def contrastive_keys(batch: Mapping[str, Any], n: int, multi_positive: bool, device: torch.device) -> torch.Tensor:
+    """``[n, 3]`` int64 keys; two items are positives iff they share the item key (column 0: the
+    position, i.e. only itself) or, with ``multi_positive``, the normalised title (1) or the
+    datamodule's same-product group (2, from ``batch["positive_group"]`` when present). -1 = no key."""
+    keys = torch.full((n, 3), -1, dtype=torch.long)
+    keys[:, 0] = torch.arange(n)
+    if multi_positive:
+        keys[:, 1] = torch.tensor(
+            [_stable_hash(normalise_title(t)) if normalise_title(t) else -1 for t in batch["text"]]
+        )
+        if "positive_group" in batch:
+            keys[:, 2] = torch.as_tensor(batch["positive_group"]).long().cpu()
+    return keys.to(device)

@@ -100,3 +100,87 @@ class MultiTaskLoss(nn.Module):
             raise ValueError(f"no logits for any of the tasks {self.tasks}; got {list(logits)}")
         losses["loss"] = total
         return losses
+
+
+# --- contrastive losses of the CLIP recipe ---------------------------------------------------------
+def positive_mask(row_keys: torch.Tensor, col_keys: torch.Tensor | None = None) -> torch.Tensor:
+    """``[R, C]`` bool: rows and columns whose keys are equal are positives of each other.
+
+    Keys are per-item group ids (same title or identical photo share one, see
+    :func:`fashion_lightning.data.duplicates.positive_groups`); a pair's own diagonal is
+    always equal. A negative key never matches anything but the same position, so an item
+    without a group id is only its own positive.
+    """
+    col_keys = row_keys if col_keys is None else col_keys
+    same = row_keys.view(-1, 1) == col_keys.view(1, -1)
+    return same & (row_keys.view(-1, 1) >= 0)
+
+
+def multi_positive_infonce(
+    image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, positives: torch.Tensor
+) -> torch.Tensor:
+    """Symmetric InfoNCE whose target spreads over every positive (no false negatives).
+
+    ``positives[i, j]`` says text ``j`` describes image ``i`` (at least the diagonal). The
+    target row is uniform over the positives, as in multi-positive contrastive learning
+    (e.g. SupCon / UniCL): two products with the same name are not pushed apart. With an
+    identity mask it equals open_clip's ``ClipLoss`` exactly (tests check it).
+    """
+    positives = positives.to(image.device)
+    logits = scale * image.float() @ text.float().T
+    target = positives.float()
+    image_loss = -(target / target.sum(1, keepdim=True) * F.log_softmax(logits, dim=1)).sum(1).mean()
+    text_target = target.T
+    text_loss = -(text_target / text_target.sum(1, keepdim=True) * F.log_softmax(logits.T, dim=1)).sum(1).mean()
+    return (image_loss + text_loss) / 2
+
+
+def sigmoid_pair_loss(
+    image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, positives: torch.Tensor
+) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023), mirroring open_clip's ``SigLipLoss``:
+    ``-sum log sigmoid(y_ij * (scale * <img_i, txt_j> + bias)) / B`` with ``y = +1`` on
+    positives and ``-1`` elsewhere. Every pair is an independent binary decision, so a
+    false negative can simply be labelled positive."""
+    logits = scale * image.float() @ text.float().T + bias
+    labels = 2.0 * positives.to(logits.device).float() - 1.0
+    return -F.logsigmoid(labels * logits).sum() / image.shape[0]
+
+
+class SigmoidContrastive(nn.Module):
+    """The sigmoid loss with its learnable bias; the temperature is the net's.
+
+    SigLIP starts the bias at -10 for batches of 32k. The bias balances one positive against
+    ``B - 1`` negatives per row: at zero similarity their gradients match when
+    ``exp(-bias) = B - 1``, so batches of 32-256 start near ``-log(B)`` = -3.5..-5.5 (at -10 a
+    batch of 128 first collapses every pair together before it separates them).
+    """
+
+    def __init__(self, init_bias: float = -5.0) -> None:
+        super().__init__()
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_bias)))
+
+    def forward(
+        self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, positives: torch.Tensor
+    ) -> torch.Tensor:
+        return sigmoid_pair_loss(image, text, scale, self.logit_bias, positives)
+
+
+def supervised_contrastive(embedding: torch.Tensor, groups: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """SupCon (Khosla et al. 2020) over one batch: each item's others of the same group are its positives.
+
+    Used on the fused item embedding so that a learned fusion gate is trained for what the
+    fused embedding serves (item-to-item recommendations of the same kind of product). Items
+    with an unknown group (< 0) or without any positive in the batch are not anchors; 0 when
+    no item has one.
+    """
+    emb = F.normalize(embedding.float(), dim=1)
+    n = emb.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=emb.device)
+    positives = positive_mask(groups.to(emb.device)) & ~eye
+    logits = (scale * emb @ emb.T).masked_fill(eye, float("-inf"))
+    log_prob = F.log_softmax(logits, dim=1).masked_fill(eye, 0.0)
+    counts = positives.sum(1)
+    anchors = counts > 0
+    per_anchor = -(log_prob * positives).sum(1) / counts.clamp(min=1)
+    return (per_anchor * anchors).sum() / anchors.sum().clamp(min=1)

@@ -10,10 +10,16 @@ through Lightning's ``WeightAveraging``), ``mixup`` (Mixup/CutMix with soft targ
 task), ``model.optimizer.layer_decay`` (layer-wise LR decay over the backbone),
 ``flip_tta`` (evaluate on the image and its mirror), ``compile`` (``torch.compile`` of the
 backbone in ``configure_model``, so loading a checkpoint for eval/index never compiles).
+
+``cache_trunk: {cut, views, dtype}`` freezes the trunk below layer group ``cut`` and trains the rest from
+activations the datamodule caches once per augmented view (``data/trunk_cache.py``; batches then carry
+``activation`` instead of ``image``). The network and its checkpoints stay whole: loading for
+eval/index/serve drops the setting and runs images through every layer.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, cast
 
@@ -27,10 +33,12 @@ from fashion_lightning.models.finetune import ema_callbacks, make_mixup
 from fashion_lightning.models.losses import MultiTaskLoss, fill_class_weights
 from fashion_lightning.models.multitask import MultiTaskNet
 from fashion_lightning.models.optim import configure, layer_scales, split_optimizer_config
+from fashion_lightning.models.trunk import TrunkEncoder, TrunkSplit
 
 if TYPE_CHECKING:
     from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 
+log = logging.getLogger(__name__)
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "lr": 1e-3, "backbone_lr_ratio": 0.1, "weight_decay": 0.01}
 DEFAULT_SCHEDULER = {"warmup_ratio": 0.05, "min_lr_ratio": 0.01}
 
@@ -54,10 +62,16 @@ class MultiTaskModule(FashionModule):
         mixup: Mapping[str, Any] | None = None,
         flip_tta: bool = False,
         compile: bool | Mapping[str, Any] = False,
+        cache_trunk: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if freeze_backbone_epochs < 0:
             raise ValueError(f"freeze_backbone_epochs must be >= 0, got {freeze_backbone_epochs}")
+        if cache_trunk and (freeze_backbone or freeze_backbone_epochs or flip_tta):
+            raise ValueError(
+                "cache_trunk cannot be combined with freeze_backbone / freeze_backbone_epochs (freeze with the cut "
+                "instead) or flip_tta (cached activations have no mirror image)"
+            )
         self.vocabs = as_vocabs(vocabs)
         net_cfg = plain(net)
         self.save_hyperparameters(ignore=["net", "class_weights", "vocabs"])
@@ -77,11 +91,20 @@ class MultiTaskModule(FashionModule):
         self.scheduler_cfg = {**DEFAULT_SCHEDULER, **legacy, **dict(self.hparams.scheduler or {})}
         self.mixup = make_mixup(self.hparams.mixup)
         self._feature_cache: dict[int, torch.Tensor] = {}
+        self.trunk: TrunkSplit | None = None
+        if cache_trunk:
+            options = {"views": 4, "dtype": "float16", **dict(cache_trunk)}
+            if "cut" not in options:
+                raise ValueError("cache_trunk needs a cut (the layer group below which the trunk is frozen)")
+            self.hparams["cache_trunk"] = options
+            self.trunk = TrunkSplit(self.net.backbone, int(options["cut"]))
+            self.trunk.freeze_lower()
 
     @classmethod
     def inference_overrides(cls, hparams: Mapping[str, Any]) -> dict[str, Any]:
         net = hparams.get("net")
-        overrides: dict[str, Any] = {"compile": False}  # eval / index compile only when asked
+        # eval / index compile only when asked, and run the whole network on images (the cut is a training detail)
+        overrides: dict[str, Any] = {"compile": False, "cache_trunk": None}
         if net:
             overrides["net"] = {**net, "pretrained": False, "checkpoint_path": None}
         return overrides
@@ -96,6 +119,34 @@ class MultiTaskModule(FashionModule):
     def configure_callbacks(self) -> list:
         return ema_callbacks(self.hparams.ema)
 
+    # -- cached partial trunk -------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Ask the datamodule to serve cached activations at the cut (it builds them on first use)."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if self.trunk is None or datamodule is None:
+            return
+        if not hasattr(datamodule, "use_trunk_cache"):
+            log.warning("cache_trunk: %s cannot cache activations; computing the lower trunk every step",
+                        type(datamodule).__name__)  # fmt: skip
+            return
+        options = self.hparams.cache_trunk
+        datamodule.use_trunk_cache(TrunkEncoder(self.net, self.trunk), int(options["views"]), str(options["dtype"]))
+
+    def train(self, mode: bool = True) -> MultiTaskModule:
+        """Lightning switches the whole module to train mode each epoch; the frozen lower trunk stays in eval."""
+        super().train(mode)
+        if getattr(self, "trunk", None) is not None:
+            self.trunk.freeze_lower()  # type: ignore[union-attr]
+        return self
+
+    def _trunk_input(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Activations at the cut: cached ones from the batch, else computed from the images (frozen, no grad)."""
+        assert self.trunk is not None
+        if "activation" in batch:
+            return batch["activation"].float()
+        with torch.no_grad():
+            return self.trunk.lower(self.net.preprocess(batch["image"]))
+
     # -- frozen backbone ------------------------------------------------------------------
     @property
     def backbone_frozen(self) -> bool:
@@ -104,12 +155,16 @@ class MultiTaskModule(FashionModule):
     def on_train_epoch_start(self) -> None:
         frozen = self.backbone_frozen
         self.net.backbone.requires_grad_(not frozen)
+        if self.trunk is not None:
+            self.trunk.freeze_lower()
         if not frozen:
             self._feature_cache.clear()
 
     def _features(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Pooled features; while the backbone is frozen they are computed once per item id
         (train items from their first-epoch view, val/test items unaugmented)."""
+        if self.trunk is not None:
+            return self.trunk.upper(self._trunk_input(batch))
         if not self.backbone_frozen:
             return self.net.features(batch["image"])
         if not self.hparams.cache_frozen_features:
@@ -138,7 +193,10 @@ class MultiTaskModule(FashionModule):
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         mix = None
-        if self.mixup is not None and not self.backbone_frozen:  # cached features cannot be mixed
+        if self.mixup is not None and self.trunk is not None:  # mix activations at the cut (manifold mixup)
+            x, mix = self.mixup(self._trunk_input(batch))
+            features = self.trunk.upper(x)
+        elif self.mixup is not None and not self.backbone_frozen:  # cached features cannot be mixed
             x, mix = self.mixup(self.net.preprocess(batch["image"]))
             features = self.net.backbone(x)
         else:
@@ -183,6 +241,7 @@ class MultiTaskModule(FashionModule):
         depth_scale = layer_scales(self.net.backbone, float(decay)) if decay else {}
         prefix = "net.backbone."
         frozen_for_good = self.hparams.freeze_backbone
+        below_cut = {id(p) for p in self.trunk.lower_parameters()} if self.trunk is not None else set()
 
         def lr_scale(name: str) -> float:
             if not name.startswith(prefix):
@@ -191,7 +250,11 @@ class MultiTaskModule(FashionModule):
 
         # the backbone joins the optimiser even while frozen for the first epochs (requires_grad
         # is toggled per epoch); a backbone frozen for the whole run stays out
-        params = [(n, p) for n, p in self.named_parameters() if not (frozen_for_good and n.startswith(prefix))]
+        params = [
+            (n, p)
+            for n, p in self.named_parameters()
+            if not (frozen_for_good and n.startswith(prefix)) and id(p) not in below_cut
+        ]
         return configure(
             params, self.optimizer_cfg, self.scheduler_cfg, {}, self.trainer.estimated_stepping_batches,
             self.device, lr_scale, trainable_only=False,

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -95,6 +96,30 @@ def load_lite0_package_weights(model: nn.Module) -> nn.Module:
             to_load[key] = value
     model.load_state_dict(to_load, strict=False)
     return model
+
+
+@dataclass(frozen=True)
+class OfflineImageWeights:
+    """What a packaged image-tower weight set needs to be used right (its facts travel with it, as in timm's
+    ``pretrained_cfg``): how to load it into a timm model, and the input normalisation it was trained with."""
+
+    timm_name: str
+    load: Callable[[nn.Module], nn.Module]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+#: timm name -> packaged weights: the one table both families (backbones.py, clip.py) read
+OFFLINE_IMAGE_WEIGHTS: dict[str, OfflineImageWeights] = {
+    LITE0_TIMM_NAME: OfflineImageWeights(LITE0_TIMM_NAME, load_lite0_package_weights, LITE0_MEAN, LITE0_STD),
+}
+
+
+def offline_image_weights(timm_name: str) -> OfflineImageWeights:
+    """The packaged weights for ``timm_name`` (ValueError naming the ones there are)."""
+    if timm_name not in OFFLINE_IMAGE_WEIGHTS:
+        raise ValueError(f"pretrained=offline is available for {tuple(OFFLINE_IMAGE_WEIGHTS)}, not {timm_name!r}")
+    return OFFLINE_IMAGE_WEIGHTS[timm_name]
 
 
 def minilm_dir() -> Path:

@@ -145,8 +145,17 @@ class MixupSpec(_Spec):
     switch_prob: Unit = 0.5
 
 
+class CacheTrunkSpec(_Spec):
+    """``model.cache_trunk``: freeze the trunk below layer group ``cut``, cache ``views`` augmented activations."""
+
+    cut: Annotated[int, Field(ge=0, le=64)]
+    views: Annotated[int, Field(ge=1, le=64)] = 4
+    dtype: Literal["float16", "float32"] = "float16"
+
+
 Vocabs = dict[Identifier, Annotated[list[Label], Field(min_length=1, max_length=100_000)]]
 TaskWeights = dict[Identifier, Annotated[float, Field(ge=0.0)]]
+Prompts = Annotated[list[Text], Field(min_length=1, max_length=32)]  # a zero-shot prompt ensemble
 CompileOptions = bool | dict[Identifier, Scalar | Annotated[str, Field(pattern=r"^[A-Za-z0-9_\-]{0,64}$")] | None]
 
 
@@ -167,6 +176,7 @@ class MultiTaskModuleSpec(_ModuleSpec):
     cache_frozen_features: bool = True
     mixup: MixupSpec | None = None
     flip_tta: bool = False
+    cache_trunk: CacheTrunkSpec | None = None
 
 
 class ClipFusionModuleSpec(_ModuleSpec):
@@ -175,7 +185,12 @@ class ClipFusionModuleSpec(_ModuleSpec):
     alpha: Unit = 0.7
     heads: bool = False
     contrastive_weight: Annotated[float, Field(ge=0.0)] = 1.0
-    zero_shot_prompt: Text | dict[Identifier, Text] = "a photo of a {label}"
+    loss: Literal["infonce", "siglip"] = "infonce"
+    siglip_init_bias: Annotated[float, Field(ge=-50.0, le=50.0)] = -5.0
+    multi_positive: bool = False
+    fusion: Literal["fixed", "gated"] = "fixed"
+    fusion_weight: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
+    zero_shot_prompt: Text | Prompts | dict[Identifier, Text | Prompts] = "a photo of a {label}"
     kagl: bool = True
     kagl_max_queries: Annotated[int, Field(ge=1)] | None = 2000
     channels_last: bool = False

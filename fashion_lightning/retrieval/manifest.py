@@ -39,6 +39,7 @@ import pandas as pd
 
 from fashion_lightning.models.artifact import ARTIFACT_DIR
 from fashion_lightning.models.artifact import FILES as ARTIFACT_FILES
+from fashion_lightning.retrieval.faiss_probe import ProbeError, probe
 from fashion_lightning.utils.bounded import DEFAULT_CSV_LIMITS, CsvLimits, LimitError, check_csv_file, load_json
 
 FORMAT = "fashion-lightning-index"
@@ -421,8 +422,14 @@ def read_manifest(root: Path, verify: bool = True, allow_external_model: bool = 
     for name, expected in manifest.files.items():
         verify_file(root / name, expected, verify)
     verified_model(manifest.model, root, verify, allow_external_model)
-    if manifest.backend == "faiss" and manifest.index.get("type", "flat") == "flat":
+    kind = manifest.index.get("type", "flat")
+    if manifest.backend == "faiss" and kind == "flat":
         check_flat_header(root / VECTORS_FILE, manifest)
+    elif manifest.backend == "faiss":  # faiss's C++ reader: first in a memory-capped child (retrieval/faiss_probe)
+        try:
+            probe(root / VECTORS_FILE, kind, manifest.dim, manifest.count)
+        except ProbeError as err:
+            raise IndexIntegrityError(str(err)) from None
     return manifest
 
 

@@ -43,8 +43,8 @@ from fashion_lightning.retrieval.manifest import (
     RetrievalError,
     file_record,
 )
-from fashion_lightning.retrieval.search import LoadedIndex, _take_unique
-from fashion_lightning.retrieval.writer import _column_kind
+from fashion_lightning.retrieval.search import LoadedIndex, take_unique
+from fashion_lightning.retrieval.writer import column_kind
 from fashion_lightning.utils.atomic import atomic_path, atomic_write_text
 
 if TYPE_CHECKING:
@@ -466,7 +466,7 @@ class QdrantIndex(LoadedIndex):
             scores, ids = self.store.search(query, fetch, filters, exclude)
             rows = self.rows_of(ids)
             known = rows >= 0
-            top_scores, top_rows = _take_unique(scores[known], rows[known], k, groups)
+            top_scores, top_rows = take_unique(scores[known], rows[known], k, groups)
             if len(top_rows) >= k or len(ids) < fetch:
                 return top_scores, top_rows
             fetch *= 4
@@ -598,7 +598,7 @@ class FolderItems:
         if set(extra) != set(self._parts) or any(len(v) != len(metadata) for v in extra.values()):
             raise ValueError(f"extra vectors {sorted(extra)} differ from earlier chunks' or from the rows")
         if self._columns is None:
-            self._columns = {c: _column_kind(metadata[c]) for c in ["id", *[c for c in metadata if c != "id"]]}
+            self._columns = {c: column_kind(metadata[c]) for c in ["id", *[c for c in metadata if c != "id"]]}
         elif set(metadata.columns) != set(self._columns):
             raise ValueError(f"metadata columns {list(metadata.columns)} differ from {list(self._columns)}")
         frame = metadata[list(self._columns)]

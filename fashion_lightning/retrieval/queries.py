@@ -73,11 +73,14 @@ def check_k(k: Any, most: int | None = None) -> int:
     return int(k)
 
 
-def decode_query_image(image: ImageLike, position: int) -> tuple[np.ndarray, str | None, str]:
+def decode_query_image(
+    image: ImageLike, position: int, decode: Callable[[bytes], np.ndarray] | None = None
+) -> tuple[np.ndarray, str | None, str]:
     """Native uint8 array, sha1 of the file bytes (for duplicate exclusion) and a label for the report.
 
     Every form goes through the catalog's decoder (:func:`open_image`): in-memory arrays and PIL images
     are handed to it as lossless bytes, so a photo is treated the same whichever way it arrives.
+    ``decode`` replaces it for bytes -> native (the service's, with its pixel limit and decode budget).
     """
     digest: str | None = None
     if isinstance(image, (str, Path)):
@@ -96,7 +99,7 @@ def decode_query_image(image: ImageLike, position: int) -> tuple[np.ndarray, str
     try:
         with warnings.catch_warnings():  # PIL only warns between 1x and 2x its pixel limit: refuse those too
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            native = letterbox(open_image(data))
+            native = decode(data) if decode is not None else letterbox(open_image(data))
     except ImageDecodeError as err:
         too_large = err.reason == TOO_LARGE
         raise (PhotoTooLargeError if too_large else QueryError)(f"query image {label}: {err}") from err
@@ -117,7 +120,7 @@ def _lossless_bytes(image: np.ndarray | Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _embed_and_predict(encoder: Encoder, images: torch.Tensor) -> tuple[Any, dict[str, list[str]]]:
+def embed_and_predict(encoder: Encoder, images: torch.Tensor) -> tuple[Any, dict[str, list[str]]]:
     """Embeddings and predicted attributes of query photos, in one forward pass where the encoder can."""
     both = getattr(encoder, "embed_and_predict", None)
     if callable(both):
@@ -131,7 +134,7 @@ def _embed_and_predict(encoder: Encoder, images: torch.Tensor) -> tuple[Any, dic
     return embedded, dict(predictions)
 
 
-def _to_tensor(natives: np.ndarray, encoder: Encoder) -> torch.Tensor | np.ndarray:
+def to_tensor(natives: np.ndarray, encoder: Encoder) -> torch.Tensor | np.ndarray:
     """[B, H, W, 3] -> [B, 3, H, W] on the encoder's device (a numpy array for ``accepts_numpy`` encoders,
     e.g. the server's worker processes, so the serving process never imports torch)."""
     channels_first = np.ascontiguousarray(natives.transpose(0, 3, 1, 2))
@@ -144,7 +147,7 @@ def _to_tensor(natives: np.ndarray, encoder: Encoder) -> torch.Tensor | np.ndarr
     return batch.to(device) if device is not None else batch
 
 
-def _infer(fn: Callable[..., Any], *args: Any) -> Any:
+def infer(fn: Callable[..., Any], *args: Any) -> Any:
     """Run an encoder call without autograd bookkeeping."""
     if isinstance(args[-1], np.ndarray) or getattr(getattr(fn, "__self__", None), "accepts_numpy", False):
         return fn(*args)  # runs elsewhere (worker processes): nothing to track here

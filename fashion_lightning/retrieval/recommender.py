@@ -24,12 +24,12 @@ from fashion_lightning.retrieval.queries import (
     ImageLike,
     QueryError,
     UnknownItemError,
-    _embed_and_predict,
-    _infer,
-    _to_tensor,
     check_k,
     decode_query_image,
+    embed_and_predict,
+    infer,
     model_loader,
+    to_tensor,
 )
 from fashion_lightning.retrieval.results import Recommendation, RecommendationResult, plain_value
 from fashion_lightning.retrieval.search import LoadedIndex, load_index
@@ -80,6 +80,15 @@ class Recommender:
 
     def __exit__(self, *exc: object) -> None:
         self.index.close()  # a Qdrant client (local mode locks its folder while open)
+
+    @property
+    def loaded_encoder(self) -> Encoder | None:
+        """The encoder if one was given or has been loaded, else None (reading this never loads one)."""
+        return self._encoder
+
+    def with_index(self, index: LoadedIndex) -> Recommender:
+        """A Recommender over ``index`` sharing this one's encoder (or its loader, when not loaded yet)."""
+        return Recommender(index, self._encoder, self._encoder_loader)
 
     @property
     def encoder(self) -> Encoder:
@@ -134,17 +143,22 @@ class Recommender:
         return self.by_history(history, k, filters, disliked=disliked or (), weights=weights, half_life=half_life)
 
     def by_images(
-        self, images: ImageLike | Sequence[ImageLike], k: int = 10, filters: Mapping[str, Any] | None = None
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        k: int = 10,
+        filters: Mapping[str, Any] | None = None,
+        decode: Callable[[bytes], np.ndarray] | None = None,
     ) -> RecommendationResult:
-        """Products like the photo(s); several photos are averaged into one query."""
+        """Products like the photo(s); several photos are averaged into one query (``decode``: bytes ->
+        native array, default the catalog's decoder)."""
         start = time.perf_counter()
         if isinstance(images, (str, Path, bytes, np.ndarray, Image.Image)):
             images = [images]
         if len(images) == 0:
             raise QueryError("no query image given")
-        natives, digests, labels = zip(*(decode_query_image(image, i) for i, image in enumerate(images)))
-        batch = _to_tensor(np.stack(natives), self.encoder)
-        embedded, predictions = _infer(_embed_and_predict, self.encoder, batch)
+        natives, digests, labels = zip(*(decode_query_image(image, i, decode) for i, image in enumerate(images)))
+        batch = to_tensor(np.stack(natives), self.encoder)
+        embedded, predictions = infer(embed_and_predict, self.encoder, batch)
         vectors = self._checked(embedded, "image")
         query = _unit(vectors.mean(axis=0), "the query photos' embeddings cancel out")
         attributes = explain.attributes_of_predictions(predictions)
@@ -170,7 +184,7 @@ class Recommender:
         if not isinstance(text, str) or not text.strip():
             raise QueryError("the text query is empty")
         try:
-            embedded = _infer(self.encoder.embed_texts, [text])
+            embedded = infer(self.encoder.embed_texts, [text])
         except (NotImplementedError, AttributeError) as err:
             name = self.index.model_info.get("embedding_name", "its model")
             raise QueryError(

@@ -43,6 +43,7 @@ from fashion_lightning.retrieval.manifest import (
     sha256_file,
     verified_model,
 )
+from fashion_lightning.utils import runtime
 
 # FAISS switches its exhaustive search (flat indexes, IVF coarse assignment, k-means) from a per-query SIMD
 # loop to BLAS at ``distance_compute_blas_threshold`` (faiss >= 1.15: compared with nq * d; older: with nq).
@@ -57,10 +58,18 @@ MMAP_MIN_BYTES = 64 << 20
 
 
 @functools.cache
-def _use_blas_for_small_batches() -> int:
-    """Set faiss's BLAS switch-over once per process (a global knob: every index shares it)."""
-    product_rule = SHIPPED_BLAS_THRESHOLD > 1000  # shipped 128000 (nq * d rule) vs 20 (nq rule)
-    threshold = BLAS_THRESHOLD_NQ_TIMES_D if product_rule else BLAS_THRESHOLD_NQ_LEGACY
+def set_blas_threshold() -> int:
+    """Set faiss's BLAS switch-over, once per process: the one place that writes this global knob (every
+    index shares it). The value is the app's ``runtime.faiss_blas_threshold`` (``conf/runtime/``): ``auto``
+    is ours above, ``null`` FAISS's shipped value, an int that value."""
+    setting = runtime.current().faiss_blas_threshold
+    if setting is None:
+        threshold = SHIPPED_BLAS_THRESHOLD
+    elif setting == "auto":
+        product_rule = SHIPPED_BLAS_THRESHOLD > 1000  # shipped 128000 (nq * d rule) vs 20 (nq rule)
+        threshold = BLAS_THRESHOLD_NQ_TIMES_D if product_rule else BLAS_THRESHOLD_NQ_LEGACY
+    else:
+        threshold = int(setting)
     faiss.cvar.distance_compute_blas_threshold = threshold
     return threshold
 
@@ -75,7 +84,7 @@ def configure_threads(num_threads: int | None = None) -> int:
         num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     n = max(1, int(num_threads))
     faiss.omp_set_num_threads(n)
-    _use_blas_for_small_batches()
+    set_blas_threshold()
     return n
 
 
@@ -301,7 +310,7 @@ class LoadedIndex:
             else:
                 scores, rows = (a[0] for a in self._faiss_search(query, fetch, allowed))
             valid = rows >= 0
-            top_scores, top_rows = _take_unique(scores[valid], rows[valid], k, groups)
+            top_scores, top_rows = take_unique(scores[valid], rows[valid], k, groups)
             if len(top_rows) >= k or fetch >= n_allowed:
                 return top_scores, top_rows
             if not valid.all():  # an approximate index ran out of candidates: score the mask directly
@@ -325,7 +334,7 @@ class LoadedIndex:
         raise NotImplementedError(f"{type(self).__name__} filters by row mask (search_filtered)")
 
     def _score_rows(self, query: np.ndarray, rows: np.ndarray, k: int, groups: np.ndarray | None):
-        return _take_unique(self.vectors(rows) @ query, rows, k, groups)
+        return take_unique(self.vectors(rows) @ query, rows, k, groups)
 
 
 def _rerank(exact: np.ndarray, queries: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -342,7 +351,7 @@ def _rerank(exact: np.ndarray, queries: np.ndarray, rows: np.ndarray, k: int) ->
     return out_s, out_r
 
 
-def _take_unique(
+def take_unique(
     scores: np.ndarray, rows: np.ndarray, k: int, groups: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Best ``k`` (score desc), keeping only the first row of each group."""

@@ -44,7 +44,7 @@ from fashion_lightning.retrieval.search import configure_threads
 from fashion_lightning.utils.atomic import atomic_path, atomic_write_text
 
 
-def _column_kind(series: pd.Series) -> str:
+def column_kind(series: pd.Series) -> str:
     if pd.api.types.is_bool_dtype(series):
         return "bool"
     if pd.api.types.is_integer_dtype(series):
@@ -128,6 +128,7 @@ class IndexWriter:
         self._files.callback(self._items_fh.close)
         self._exact_fh = None
         self._exact_path = self.out_dir / f".{EXACT_FILE}.partial"
+        self._exact_path.unlink(missing_ok=True)  # a killed build's spill (the run-dir claim makes this folder ours)
         if self.params.type in IVF_TYPES:
             self._exact_fh = open(self._exact_path, "wb")  # noqa: SIM115 - appended to by every add()
 
@@ -160,7 +161,7 @@ class IndexWriter:
         self.params.check_memory(max(self._count + len(vectors), self.expected_count or 0), dim)
         if self._columns is None:
             columns = ["id", *[c for c in metadata.columns if c != "id"]]
-            self._columns = {c: _column_kind(metadata[c]) for c in columns}
+            self._columns = {c: column_kind(metadata[c]) for c in columns}
         elif set(metadata.columns) != set(self._columns):
             raise ValueError(
                 f"metadata columns {list(metadata.columns)} differ from earlier chunks' {list(self._columns)}"

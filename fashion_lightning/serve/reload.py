@@ -88,7 +88,7 @@ def load_sharing(allow_external_model: bool, allow_qdrant_local: bool) -> Callab
             allow_qdrant_local=allow_qdrant_local,
             reuse_qdrant=getattr(running.index, "store", None),
         )
-        return Recommender(index, running._encoder, running._encoder_loader)  # noqa: SLF001 (same model)
+        return running.with_index(index)  # the same model
 
     return load
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import socket
 import tempfile
 import threading
@@ -40,8 +41,14 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def temp_prefix(name: str) -> str:
+    """The prefix of this process's temporary files and scratch folders for ``name``: removable once it dies."""
+    return f"{TMP_PREFIX}{name}.{HOST}-{os.getpid()}."
+
+
 def remove_dead_temps(directory: str | os.PathLike[str]) -> list[Path]:
-    """Delete the temporary files in ``directory`` that writers on this host left when they died."""
+    """Delete the temporary files (and scratch folders) in ``directory`` that writers on this host left when they
+    died."""
     pattern = re.compile(rf"{re.escape(TMP_PREFIX)}.+\.{re.escape(HOST)}-(\d+)\.[a-z0-9_]+")
     removed: list[Path] = []
     try:
@@ -50,10 +57,13 @@ def remove_dead_temps(directory: str | os.PathLike[str]) -> list[Path]:
         return removed
     for entry in entries:
         match = pattern.match(entry.name)
-        if match is None or not entry.is_file(follow_symlinks=False) or pid_alive(int(match.group(1))):
+        if match is None or entry.is_symlink() or pid_alive(int(match.group(1))):
             continue
         with contextlib.suppress(FileNotFoundError):  # another process removed it first
-            os.unlink(entry.path)
+            if entry.is_dir(follow_symlinks=False):  # scratch folders (tempfile.TemporaryDirectory(prefix=...))
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
             removed.append(Path(entry.path))
     return removed
 
@@ -88,7 +98,7 @@ def atomic_path(path: str | os.PathLike[str], *, suffix: str | None = None) -> I
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     _sweep_once(final.parent)
-    prefix = f"{TMP_PREFIX}{final.name}.{HOST}-{os.getpid()}."
+    prefix = temp_prefix(final.name)
     fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix or final.suffix, dir=final.parent)
     os.close(fd)
     tmp = Path(name)

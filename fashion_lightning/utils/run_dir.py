@@ -11,7 +11,7 @@ runs doing that at once still end with one owner. The app releases its claim whe
 
 Resuming continues in the checkpoint's own run dir (:func:`run_dir_of`), so Lightning's
 ModelCheckpoint keeps its best-model tracking (it resets it when the dir changes); see
-:mod:`fashion_lightning.utils.epoch_seed` for why the resumed run then equals the uninterrupted one.
+:mod:`fashion_lightning.callbacks.epoch_seed` for why the resumed run then equals the uninterrupted one.
 Imports nothing heavy: every app's task wrapper calls :func:`claim_run_dir`.
 """
 
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fashion_lightning.utils.atomic import HOST, pid_alive
+from fashion_lightning.utils.cluster import earlier_incarnation, slurm_incarnation
 from fashion_lightning.utils.config_check import ConfigError
 
 # what a train / eval / eda run leaves in its run dir (Hydra's own .hydra/ and <task>.log are not artefacts)
@@ -103,6 +104,7 @@ def _acquire(out: Path, app: str | None) -> RunClaim:
         "thread": threading.get_ident(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "token": token,
+        "slurm": slurm_incarnation(),  # a requeued job takes over its own earlier claim (even from another node)
     }
     for _ in range(_CLAIM_TRIES):
         try:
@@ -143,6 +145,8 @@ def _owner_alive(owner: dict[str, Any], path: Path) -> bool:
             return time.time() - path.stat().st_mtime < CLAIM_WRITE_GRACE_S
         except FileNotFoundError:
             return False
+    if earlier_incarnation(owner.get("slurm")):
+        return False
     if host != HOST:
         return True  # another machine's process: cannot tell, so it is in use
     if pid == os.getpid():  # this process: in use while the claiming thread is another live thread

@@ -4,6 +4,8 @@
 
 * checks the config first (:func:`~fashion_lightning.utils.config_check.check_config`: missing
   values, wrong types), so a bad command line fails before anything is written or loaded;
+* applies the process-wide settings of ``cfg.runtime`` once (:func:`~fashion_lightning.utils.runtime.apply_runtime`:
+  allocator, matmul precision, threads, warning filters);
 * then runs :func:`extras`: the resolved config tree saved as ``config_tree.txt`` in the run dir
   (and printed with rich), tags enforced, warnings silenced on request;
 * on failure, logs the exception and the run dir, and writes ``FAILED.txt`` (exception + traceback)
@@ -19,7 +21,6 @@ from __future__ import annotations
 import functools
 import io
 import logging
-import os
 import sys
 import traceback
 import warnings
@@ -35,8 +36,10 @@ from rich.syntax import Syntax
 from rich.tree import Tree
 
 from fashion_lightning.utils.atomic import atomic_write_text
+from fashion_lightning.utils.cluster import env_rank
 from fashion_lightning.utils.config_check import check_config
 from fashion_lightning.utils.run_dir import claim_run_dir
+from fashion_lightning.utils.runtime import apply_runtime
 
 log = logging.getLogger("fashion_lightning")
 
@@ -57,9 +60,10 @@ def _output_dir(cfg: DictConfig) -> Path | None:
 
 
 def _rank() -> int:
-    """This process's global rank: Lightning's once it is imported, else the launcher's environment."""
+    """This process's global rank: Lightning's once it is imported, else the launcher's environment
+    (RANK, LOCAL_RANK, SLURM_PROCID: an srun task > 0 neither claims nor writes the shared run dir)."""
     rank = getattr(rank_zero_only, "rank", None)
-    return int(rank if rank is not None else os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+    return int(rank) if rank is not None else env_rank()
 
 
 def _rank_suffix() -> str:
@@ -73,6 +77,8 @@ def task_wrapper(task: Callable[..., R]) -> Callable[..., R]:
     @functools.wraps(task)
     def wrapped(cfg: DictConfig, *args: Any, **kwargs: Any) -> R:
         check_config(cfg)  # before the try: a config error has no run to mark as failed
+        if cfg.get("runtime") is not None:  # process-wide settings: here, once, for every app
+            apply_runtime(cfg.runtime)
         out = _output_dir(cfg)
         claim = None
         if out is not None and _rank() == 0:  # nor a run dir another run holds: nothing is written into it

@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
+from fashion_lightning.callbacks.checkpoint_io import AtomicCheckpointIO, AtomicCheckpoints
 from fashion_lightning.data.catalog import DataReport
 from fashion_lightning.data.splits import save_splits
 from fashion_lightning.data.vocab import LabelVocabs
 from fashion_lightning.utils import atomic
-from fashion_lightning.utils.checkpoint_io import AtomicCheckpointIO, AtomicCheckpoints
 from fashion_lightning.utils.reporting import update_json
 
 

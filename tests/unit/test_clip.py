@@ -327,7 +327,7 @@ def test_checkpoint_round_trip(tmp_path) -> None:
 
 
 def test_evaluation_callback_writes_kagl(tmp_path) -> None:
-    from fashion_lightning.evaluation.callback import EvaluationCallback
+    from fashion_lightning.callbacks.evaluation import EvaluationCallback
 
     module = ClipFusionModule(TINY, VOCABS, mode="frozen")
     callback = EvaluationCallback(output_dir=str(tmp_path), confusion_tasks=[], pca_attributes=[])

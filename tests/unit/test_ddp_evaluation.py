@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from fashion_lightning.callbacks.evaluation import EvaluationCallback
 from fashion_lightning.data.vocab import LabelVocabs
-from fashion_lightning.evaluation.callback import EvaluationCallback
 
 N_ITEMS = 23  # odd: rank 1's shard is padded with a repeated item
 VOCABS = LabelVocabs.from_dict({"articleType": ["Shirts", "Tshirts", "Jeans"], "baseColour": ["Black", "White"]})

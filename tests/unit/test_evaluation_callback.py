@@ -15,13 +15,13 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fashion_lightning.data.vocab import LabelVocabs
-from fashion_lightning.evaluation.callback import (
+from fashion_lightning.callbacks.evaluation import (
     EvaluationCallback,
     drop_duplicate_ids,
     merge_outputs,
     write_metrics_json,
 )
+from fashion_lightning.data.vocab import LabelVocabs
 from fashion_lightning.evaluation.retrieval import metric_keys
 
 VOCABS = LabelVocabs.from_dict(

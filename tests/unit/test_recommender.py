@@ -458,3 +458,16 @@ def test_results_table(fused):
     console.print(results_table(result))
     text = console.export_text()
     assert "red jeans" in text and "image / text part" in text and str(result.ids[0]) in text
+
+
+def test_loaded_encoder_reports_without_loading(catalog, tmp_path):
+    """What serve reads (is a model up? its batch size, its close()) never loads the model itself."""
+    frame, images = catalog
+    encoder = FakeEncoder()
+    build_index(embed_catalog(encoder, images), frame, tmp_path, {"embedding_name": "fake", "checkpoint": "x.ckpt"})
+    loads = []
+    rec = Recommender.from_dir(tmp_path, encoder_loader=lambda: loads.append(1) or encoder)
+    assert rec.loaded_encoder is None and loads == []
+    rec.by_images(images[5])
+    assert rec.loaded_encoder is encoder and loads == [1]
+    assert Recommender(rec.index, encoder).loaded_encoder is encoder

@@ -189,3 +189,31 @@ def test_killed_index_build_leaves_temps_that_the_rerun_removes(tmp_path):
     build_index(vectors, meta, index, {"checkpoint": None, "embedding_name": "x", "module_class": "None"})
     assert sorted(p.name for p in index.iterdir()) == ["items.csv", "manifest.json", "vectors.faiss"]
     assert load_index(index).n == 4
+
+
+def test_dead_writers_scratch_folders_and_spills_are_removed_by_the_rerun(tmp_path):
+    """A killed fashion-index left its scratch model copy (a folder) and the IVF float spill: the rerun removes
+    both, while a live writer's scratch folder and the user's folders stay."""
+    import numpy as np
+    import pandas as pd
+
+    from fashion_lightning.retrieval import IndexParams, build_index, load_index
+    from fashion_lightning.utils.atomic import temp_prefix
+
+    dead = _dead_pid()
+    scratch = tmp_path / f"{TMP_PREFIX}model.{HOST}-{dead}.ab12cd34"
+    (scratch / "model").mkdir(parents=True)
+    (scratch / "model" / "model.safetensors").write_bytes(b"x" * 10)
+    live = tmp_path / f"{temp_prefix('model')}zz99"
+    live.mkdir()
+    mine = tmp_path / "my-notes"
+    mine.mkdir()
+    spill = tmp_path / ".vectors.f32.partial"
+    spill.write_bytes(b"\0" * 4096)
+    assert remove_dead_temps(tmp_path) == [scratch]
+    assert live.exists() and mine.exists()
+    vectors = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
+    meta = pd.DataFrame({"id": np.arange(300, dtype=np.int64), "articleType": ["Shirts"] * 300})
+    build_index(vectors, meta, tmp_path, {"checkpoint": None}, params=IndexParams("flat"))
+    assert not spill.exists()
+    assert load_index(tmp_path).n == 300

@@ -53,7 +53,8 @@ def test_synthetic_catalog_writes_the_schema_header(synthetic_root: Path):
 
 
 def test_one_ignore_index_and_one_field_list_each():
-    from fashion_lightning.evaluation import callback, kagl
+    from fashion_lightning.callbacks import evaluation as callback
+    from fashion_lightning.evaluation import kagl
     from fashion_lightning.models import losses
     from fashion_lightning.retrieval import explain, recommender
 

@@ -43,6 +43,7 @@ function el(tag, attrs = {}, children = []) {
   for (const [key, value] of Object.entries(attrs)) {
     if (key === "text") node.textContent = value;
     else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else if (key === "style") node.style.cssText = value;  // CSSOM: allowed by the CSP (a style attribute is not)
     else node.setAttribute(key, value);
   }
   for (const child of children) node.append(child);

@@ -27,6 +27,7 @@ from torchmetrics.functional.classification import (
 )
 
 from fashion_lightning.data.schema import IGNORE_INDEX, UNKNOWN
+from fashion_lightning.evaluation.backgrounds import background_robustness
 from fashion_lightning.evaluation.plots import confusion_matrix_figure, pca_scatter_figure, save_figure
 from fashion_lightning.evaluation.retrieval import retrieval_metrics_by_relevance
 from fashion_lightning.utils.reporting import update_json
@@ -157,6 +158,8 @@ class EvaluationCallback(L.Callback):
         max_retrieval_items: above this, retrieval runs on a seeded subsample (logged).
         enabled_stages: subset of ``("val", "test")``.
         seed: seed of the retrieval and PCA subsamples.
+        background_queries: photo queries of the background-robustness evaluation (plain vs busy
+            background, :mod:`~fashion_lightning.evaluation.backgrounds`) per stage; 0 = off.
     """
 
     def __init__(
@@ -172,13 +175,14 @@ class EvaluationCallback(L.Callback):
         enabled_stages: Sequence[str] = ("val", "test"),
         retrieval_columns: Sequence[str] = ("articleType",),
         seed: int = 0,
+        background_queries: int = 0,
     ) -> None:
         super().__init__()
         unknown = set(enabled_stages) - set(STAGES)
         if unknown:
             raise ValueError(f"enabled_stages must be among {STAGES}, got {sorted(unknown)}")
-        if plot_every_n_val_epochs < 0 or max_retrieval_items < 2:
-            raise ValueError("plot_every_n_val_epochs must be >= 0 and max_retrieval_items >= 2")
+        if plot_every_n_val_epochs < 0 or max_retrieval_items < 2 or background_queries < 0:
+            raise ValueError("plot_every_n_val_epochs and background_queries must be >= 0 and max_retrieval_items >= 2")
         self.output_dir = output_dir
         self.tasks = None if tasks is None else list(tasks)
         self.confusion_tasks = list(confusion_tasks)
@@ -190,6 +194,7 @@ class EvaluationCallback(L.Callback):
         self.max_retrieval_items = int(max_retrieval_items)
         self.enabled_stages = tuple(enabled_stages)
         self.seed = int(seed)
+        self.background_queries = int(background_queries)
         self.results: dict[str, float] = {}
         self._buffers: dict[str, EpochOutputs] = {}
         self._warned_no_outputs = False
@@ -248,7 +253,10 @@ class EvaluationCallback(L.Callback):
         if buffer is None or len(buffer) == 0:
             return
         outputs = _gather(buffer.concat(), trainer)
-        metrics = {f"{stage}/{key}": value for key, value in self.compute_metrics(stage, outputs, pl_module).items()}
+        computed = self.compute_metrics(stage, outputs, pl_module) | self._background(
+            stage, trainer, pl_module, outputs
+        )
+        metrics = {f"{stage}/{key}": value for key, value in computed.items()}
         sync = trainer.world_size > 1  # values are identical on every rank; syncing only silences the DDP warning
         for key, value in metrics.items():
             pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=sync)
@@ -305,6 +313,32 @@ class EvaluationCallback(L.Callback):
                 continue
             metrics |= {f"{prefix}/{key}": float(value) for key, value in values.items()}
         return metrics
+
+    def _background(
+        self, stage: str, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Mapping[str, Any]
+    ) -> dict[str, float]:
+        """``background/{plain,busy,drop}/...``: photo queries of this split on plain vs busy backgrounds."""
+        datamodule: Any = getattr(trainer, "datamodule", None)
+        datasets = getattr(datamodule, "datasets", None)
+        if not self.background_queries or not datasets or "embedding" not in outputs:
+            return {}
+        split = "val" if stage == "val" else datamodule.hparams.split
+        dataset, vocabs = datasets.get(split), getattr(pl_module, "vocabs", None)
+        embed_images = getattr(pl_module, "embed_images", None)
+        if dataset is None or vocabs is None or "articleType" not in vocabs.tasks or not callable(embed_images):
+            log.info("evaluation: skipping background robustness (no %s dataset, articleType or image encoder)", split)
+            return {}
+        row_of = {int(item): row for row, item in enumerate(dataset.ids.tolist())}
+        ids = [int(i) for i in outputs["id"].tolist()]
+        if any(i not in row_of for i in ids):
+            log.info("evaluation: skipping background robustness: outputs hold ids outside the %s split", split)
+            return {}
+        types = outputs["labels"].long()[:, vocabs.tasks.index("articleType")]
+        values = background_robustness(
+            embed_images, outputs["embedding"], ids, types,
+            lambda item: dataset.image(row_of[item]), self.background_queries, self.seed,
+        )  # fmt: skip
+        return {f"background/{key}": value for key, value in values.items()}
 
     # ----------------------------------------------------------------- plots
     def _plot(
