@@ -107,6 +107,7 @@ def main() -> None:
             "build_in_uncached_epochs": build / epoch_uncached,
             "break_even_epochs": build / max(epoch_uncached - epoch_cached, 1e-9),
         }
+        print(json.dumps({"uncached_s_per_image": uncached, "cut": cut, **results["cuts"][cut]}), flush=True)
     table = Table(title=f"cached trunk vs end-to-end ({results['machine']}, {n_train} train items, "
                         f"{args.input_size[0]}x{args.input_size[1]}, {args.views} views)")  # fmt: skip
     for column in ("cut", "activation", "KB/item-view", "step speedup", "build (uncached epochs)", "break-even epochs"):
