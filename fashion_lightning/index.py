@@ -10,6 +10,7 @@ skips the items already in complete shards (see ``retrieval.predict_writer``).
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -23,10 +24,16 @@ from torch.utils.data import Subset
 
 from fashion_lightning.models.artifact import artifact_identity, copy_artifact, is_artifact, save_artifact
 from fashion_lightning.models.base import CheckpointError, FashionModule, load_module
-from fashion_lightning.retrieval.manifest import MODEL_DIR, IndexParams, model_record
-from fashion_lightning.retrieval.predict_writer import IndexPredictionWriter, completed_ids
+from fashion_lightning.retrieval.manifest import MODEL_DIR, IndexManifest, IndexParams, model_record
+from fashion_lightning.retrieval.predict_writer import (
+    METADATA_DROP,
+    VECTOR_KEYS,
+    IndexPredictionWriter,
+    completed_ids,
+)
+from fashion_lightning.retrieval.writer import IndexWriter
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
-from fashion_lightning.utils.config_check import one_line_errors
+from fashion_lightning.utils.config_check import ConfigError, one_line_errors
 from fashion_lightning.utils.task_wrapper import task_wrapper
 
 
@@ -36,6 +43,7 @@ def build(cfg: DictConfig) -> Path:
     L.seed_everything(cfg.seed, workers=True)
     source = Path(cfg.ckpt_path).expanduser().resolve()
     module = load_module(source)
+    onnx = _onnx_loader(cfg, module, source)  # runtime=onnx: checked before anything is written
     datamodule = instantiate(cfg.data, vocabs=module.vocabs.to_dict(), tasks=module.vocabs.tasks)
     datamodule.setup("predict")
     out_dir = Path(cfg.index_dir or Path(cfg.paths.output_dir) / "index")
@@ -52,6 +60,13 @@ def build(cfg: DictConfig) -> Path:
     frame = datamodule.predict_frame
     writer = IndexPredictionWriter(out_dir, frame, model_info, IndexParams(**index_cfg), shard_rows=shard_rows)
     done = completed_ids(out_dir)
+    if onnx is not None:
+        if len(done):
+            raise ConfigError(f"{out_dir} holds shards of an interrupted build: resume it with runtime=torch")
+        model_info["runtime"] = f"onnxruntime {cfg.get('onnx_precision') or 'fp32'} ({cfg.onnx_dir})"
+        manifest = _embed_with_onnx(onnx(), datamodule, out_dir, model_info, IndexParams(**index_cfg))
+        Console().print(f"[bold]index[/bold] {out_dir}: {manifest.count} items x {manifest.dim} dims (ONNX Runtime)")
+        return out_dir
     if len(done):  # resume: embed only what no complete shard holds
         split = datamodule.hparams.split
         todo = np.flatnonzero(~np.isin(frame["id"].to_numpy(), done))
@@ -71,6 +86,32 @@ def build(cfg: DictConfig) -> Path:
         )
         log.info("index written to %s", out_dir)
     return out_dir
+
+
+def _onnx_loader(cfg: DictConfig, module: FashionModule, source: Path) -> Callable[[], Any] | None:
+    """``runtime=onnx``: the export's encoder loader, after checking it was exported from this model."""
+    if cfg.get("runtime", "torch") == "torch":
+        return None
+    from fashion_lightning.deploy.onnx_encoder import encoder_loader
+    from fashion_lightning.deploy.onnx_export import model_identity
+
+    return encoder_loader(cfg, model_identity(module, source))
+
+
+def _embed_with_onnx(
+    encoder: Any, datamodule: Any, out_dir: Path, model_info: dict[str, Any], params: IndexParams
+) -> IndexManifest:
+    """The catalog through ONNX Runtime in loader batches, into the same streaming writer (same folder)."""
+    frame = datamodule.predict_frame
+    catalog = frame.drop(columns=[c for c in METADATA_DROP if c in frame]).set_index("id", drop=False)
+    with IndexWriter(out_dir, model_info, params, expected_count=len(catalog)) as writer:
+        for batch in datamodule.predict_dataloader():
+            ids = batch["id"].numpy()
+            texts = [str(t) for t in batch["text"]] if "text" in batch else None
+            out = encoder.embed_items(batch["image"].numpy(), texts)
+            parts = {k: out[k] for k in VECTOR_KEYS[1:] if k in out}
+            writer.add(out["embedding"], catalog.loc[ids].reset_index(drop=True), parts or None)
+        return writer.finalize()
 
 
 def _place_model(module: FashionModule, source: Path, out_dir: Path) -> Path:
@@ -93,7 +134,9 @@ def _place_model(module: FashionModule, source: Path, out_dir: Path) -> Path:
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="index")
 def main(cfg: DictConfig) -> None:
     quiet_runtime()
-    with one_line_errors(CheckpointError, FileNotFoundError):
+    from fashion_lightning.retrieval.queries import ModelLoadError  # a bad export folder (runtime=onnx)
+
+    with one_line_errors(CheckpointError, FileNotFoundError, ModelLoadError):
         build(cfg)
 
 

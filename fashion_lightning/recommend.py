@@ -27,13 +27,22 @@ from fashion_lightning.utils.task_wrapper import task_wrapper
 from fashion_lightning.utils.terminal import escape_markup
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import numpy as np
+
+    from fashion_lightning.retrieval import Encoder
 
 
 @task_wrapper
 def recommend(cfg: DictConfig) -> RecommendationResult:
     k = check_k(cfg.k)  # before the index loads: k=abc or k=2.5 is a typo, not a query
     recommender = Recommender.from_dir(cfg.index_dir, allow_external_model=bool(cfg.allow_external_model))
+    if cfg.get("runtime", "torch") != "torch":  # the export's ONNX Runtime encoder, checked before the query
+        from fashion_lightning.deploy.onnx_encoder import encoder_loader
+
+        loader = encoder_loader(cfg, recommender.index.model_info.get("model_identity"))
+        recommender = Recommender(recommender.index, encoder_loader=cast("Callable[[], Encoder]", loader))
     query = cast(dict[str, Any], OmegaConf.to_container(cfg.query, resolve=True))  # a DictConfig node: a dict
     all_filters = cast(dict[str, Any], OmegaConf.to_container(cfg.filters, resolve=True))
     filters = {k: v for k, v in all_filters.items() if v is not None}

@@ -19,6 +19,7 @@ from fashion_lightning.retrieval import Encoder, Recommender, RetrievalError
 from fashion_lightning.retrieval.queries import verified_model_path
 from fashion_lightning.serve.app import ServeSettings, create_app
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
+from fashion_lightning.utils.config_check import ConfigError
 
 
 def build(cfg: DictConfig):
@@ -32,13 +33,14 @@ def build(cfg: DictConfig):
     root = cfg.catalog_root or recommender.index.model_info.get("catalog")
     source = CatalogSource(root) if root else None
     checkpoint = verified_model_path(recommender.index)  # resolved in the index folder, size + sha256
-    if checkpoint and cfg.inference == "process":
+    loader = _onnx_loader(cfg, recommender)  # runtime=onnx: the export's encoder, checked now
+    if loader is not None and cfg.inference != "process":
+        recommender = Recommender(recommender.index, cast("Encoder", loader()))
+    elif (checkpoint or loader) and cfg.inference == "process":
         from fashion_lightning.serve.inference import ProcessEncoder
 
-        recommender = Recommender(
-            recommender.index,
-            cast("Encoder", ProcessEncoder(str(checkpoint), int(cfg.inference_workers), cfg.torch_threads).start()),
-        )
+        workers = ProcessEncoder(str(checkpoint), int(cfg.inference_workers), cfg.torch_threads, loader=loader)
+        recommender = Recommender(recommender.index, cast("Encoder", workers.start()))
     elif checkpoint and cfg.preload_model:
         if cfg.torch_threads:
             import torch
@@ -52,6 +54,15 @@ def build(cfg: DictConfig):
     )  # fmt: skip
     close = getattr(recommender._encoder, "close", None)  # worker processes end with the server
     return create_app(recommender, source.image_bytes if source else None, settings, on_shutdown=close)
+
+
+def _onnx_loader(cfg: DictConfig, recommender: Recommender):
+    """``runtime=onnx``: a loader of the export's ONNX Runtime encoder (None for PyTorch)."""
+    if cfg.get("runtime", "torch") == "torch":
+        return None
+    from fashion_lightning.deploy.onnx_encoder import encoder_loader
+
+    return encoder_loader(cfg, recommender.index.model_info.get("model_identity"))
 
 
 def _search_threads(n: int | None) -> None:
@@ -73,7 +84,7 @@ def main(cfg: DictConfig) -> None:
     quiet_runtime()
     try:
         app = build(cfg)
-    except (RetrievalError, CatalogNotFoundError, FileNotFoundError) as err:
+    except (RetrievalError, CatalogNotFoundError, FileNotFoundError, ConfigError) as err:
         Console(stderr=True, soft_wrap=True).print(f"[bold red]fashion-serve:[/bold red] {err}")
         sys.exit(2)
     import uvicorn
