@@ -31,6 +31,7 @@ from fashion_lightning.data.catalog import load_catalog
 from fashion_lightning.data.images import ImageDecodeError, to_native
 from fashion_lightning.deploy.onnx_encoder import load_onnx_encoder
 from fashion_lightning.models.base import load_module
+from fashion_lightning.utils.app import quiet_runtime
 
 
 def catalog_items(root: Path, n: int, seed: int) -> tuple[np.ndarray, list[str]]:
@@ -82,6 +83,7 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=30, help="one-photo calls per runtime (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    quiet_runtime()  # what the apps do: glibc keeps freed memory (large eager batches otherwise page-fault)
     torch.set_num_threads(args.threads)
     console = Console(width=150)
 

@@ -29,6 +29,20 @@ IGNORE_INDEX = -100
 OVERLAP_K = 10
 
 
+# Static: the convolutions and transformer matmuls carry the time; the heads (Gemm), the preprocessing and the
+# normalisation stay fp32, and so do the first and last convolution, which cost little time and most accuracy:
+# on the lite0 model of README's Results, keeping them fp32 raised the int8 embeddings' mean cosine to fp32
+# from 0.88 to 0.94 and the attribute agreement from 0.84 to 0.89 (200 catalog photos).
+STATIC_OPS = ("Conv", "MatMul")
+
+
+def _kept_in_fp32(model_path: Path) -> list[str]:
+    import onnx
+
+    convs = [node.name for node in onnx.load(str(model_path)).graph.node if node.op_type == "Conv"]
+    return sorted({convs[0], convs[-1]}) if convs else []
+
+
 class _Photos:
     """onnxruntime's CalibrationDataReader over uint8 photos, ``batch`` at a time."""
 
@@ -62,7 +76,8 @@ def quantize_image(folder: Path, method: str, calibration: np.ndarray | None) ->
         quant.quantize_static(
             str(prepared), str(target), _Photos(calibration), quant_format=quant.QuantFormat.QDQ,
             per_channel=True, activation_type=quant.QuantType.QUInt8, weight_type=quant.QuantType.QInt8,
-            calibrate_method=quant.CalibrationMethod.MinMax,
+            calibrate_method=quant.CalibrationMethod.MinMax, op_types_to_quantize=list(STATIC_OPS),
+            nodes_to_exclude=_kept_in_fp32(prepared),
         )  # fmt: skip
     return target
 
