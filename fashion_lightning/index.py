@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -36,6 +37,7 @@ from fashion_lightning.retrieval.manifest import (
     MANIFEST_FILE,
     MODEL_DIR,
     PARTS_FILE,
+    IndexManifest,
     IndexParams,
     RetrievalError,
     model_record,
@@ -44,7 +46,12 @@ from fashion_lightning.retrieval.manifest import (
     read_parts,
     verified_model,
 )
-from fashion_lightning.retrieval.predict_writer import IndexPredictionWriter, completed_ids
+from fashion_lightning.retrieval.predict_writer import (
+    METADATA_DROP,
+    VECTOR_KEYS,
+    IndexPredictionWriter,
+    completed_ids,
+)
 from fashion_lightning.retrieval.qdrant import (
     FolderItems,
     QdrantIndexWriter,
@@ -68,6 +75,7 @@ from fashion_lightning.retrieval.writer import IndexWriter
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log
 from fashion_lightning.utils.atomic import atomic_dir, atomic_write_text, remove_dead_temps, temp_prefix
 from fashion_lightning.utils.config_check import ConfigError, one_line_errors
+from fashion_lightning.utils.runtime import engine_of
 from fashion_lightning.utils.task_wrapper import task_wrapper
 
 
@@ -88,6 +96,9 @@ def build(cfg: DictConfig) -> Path:
         raise ConfigError("missing value for ckpt_path: set it on the command line, e.g. ckpt_path=<run>/model")
     source = Path(cfg.ckpt_path).expanduser().resolve()
     module = load_module(source)
+    onnx = _onnx_loader(cfg, module, source)  # runtime=onnx: checked before anything is written
+    if onnx is not None and backend != "faiss":
+        raise ConfigError("runtime=onnx builds FAISS folders; build a Qdrant collection with runtime=torch")
     target = QdrantTarget(**qdrant_cfg) if backend == "qdrant" else None
     if target is not None and target.engine == "client":
         connect(target).close()  # an unreachable server: refused before any work
@@ -113,6 +124,13 @@ def build(cfg: DictConfig) -> Path:
         out_dir, frame, model_info, IndexParams(**index_cfg), shard_rows=shard_rows, make_writer=make_writer
     )
     done = completed_ids(out_dir)
+    if onnx is not None:
+        if len(done):
+            raise ConfigError(f"{out_dir} holds shards of an interrupted build: resume it with runtime=torch")
+        model_info["runtime"] = f"onnxruntime {cfg.get('onnx_precision') or 'fp32'} ({cfg.onnx_dir})"
+        manifest = _embed_with_onnx(onnx(), datamodule, frame, out_dir, model_info, IndexParams(**index_cfg))
+        Console().print(f"[bold]index[/bold] {out_dir}: {manifest.count} items x {manifest.dim} dims (ONNX Runtime)")
+        return out_dir
     if len(done):  # resume: embed only what no complete shard holds
         split = datamodule.hparams.split
         todo = np.flatnonzero(~np.isin(frame["id"].to_numpy(), done))
@@ -251,6 +269,32 @@ def _identity_of(model: Path) -> str:
         return artifact_identity(save_artifact(load_module(model), Path(scratch) / MODEL_DIR))
 
 
+def _onnx_loader(cfg: DictConfig, module: FashionModule, source: Path) -> Callable[[], Any] | None:
+    """``runtime=onnx``: the export's encoder loader, after checking it was exported from this model."""
+    if engine_of(cfg) == "torch":
+        return None
+    from fashion_lightning.deploy.onnx_encoder import encoder_loader
+    from fashion_lightning.deploy.onnx_export import model_identity
+
+    return encoder_loader(cfg, model_identity(module, source))
+
+
+def _embed_with_onnx(
+    encoder: Any, datamodule: Any, frame: pd.DataFrame, out_dir: Path, model_info: dict[str, Any], params: IndexParams
+) -> IndexManifest:
+    """The catalog (``frame``: the predict split with content hashes) through ONNX Runtime in loader batches,
+    into the same streaming writer (same folder)."""
+    catalog = frame.drop(columns=[c for c in METADATA_DROP if c in frame]).set_index("id", drop=False)
+    with IndexWriter(out_dir, model_info, params, expected_count=len(catalog)) as writer:
+        for batch in datamodule.predict_dataloader():
+            ids = batch["id"].numpy()
+            texts = [str(t) for t in batch["text"]] if "text" in batch else None
+            out = encoder.embed_items(batch["image"].numpy(), texts)
+            parts = {k: out[k] for k in VECTOR_KEYS[1:] if k in out}
+            writer.add(out["embedding"], catalog.loc[ids].reset_index(drop=True), parts or None)
+        return writer.finalize()
+
+
 def _place_model(module: FashionModule, source: Path, out_dir: Path) -> Path:
     """The model artefact inside the index folder (``<index>/model``): copied from an artefact, written from
     a .ckpt. A resumed build keeps an existing copy only if it holds the same weights."""
@@ -271,7 +315,9 @@ def _place_model(module: FashionModule, source: Path, out_dir: Path) -> Path:
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="index")
 def main(cfg: DictConfig) -> None:
-    with one_line_errors(CheckpointError, FileNotFoundError, RetrievalError):
+    from fashion_lightning.retrieval.queries import ModelLoadError  # a bad export folder (runtime=onnx)
+
+    with one_line_errors(CheckpointError, FileNotFoundError, RetrievalError, ModelLoadError):
         build(cfg)
 
 

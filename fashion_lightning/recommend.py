@@ -23,11 +23,16 @@ from fashion_lightning.retrieval.gallery import render_gallery, results_table
 from fashion_lightning.retrieval.queries import check_k
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log
 from fashion_lightning.utils.config_check import ConfigError
+from fashion_lightning.utils.runtime import engine_of
 from fashion_lightning.utils.task_wrapper import task_wrapper
 from fashion_lightning.utils.terminal import escape_markup
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import numpy as np
+
+    from fashion_lightning.retrieval import Encoder
 
 
 @task_wrapper
@@ -38,6 +43,11 @@ def recommend(cfg: DictConfig) -> RecommendationResult:
         allow_external_model=bool(cfg.allow_external_model),
         allow_qdrant_local=bool(cfg.get("allow_qdrant_local", False)),
     )
+    if engine_of(cfg) == "onnx":  # the export's ONNX Runtime encoder, checked before the query
+        from fashion_lightning.deploy.onnx_encoder import encoder_loader
+
+        loader = encoder_loader(cfg, recommender.index.model_info.get("model_identity"))
+        recommender = Recommender(recommender.index, encoder_loader=cast("Callable[[], Encoder]", loader))
     query = cast(dict[str, Any], OmegaConf.to_container(cfg.query, resolve=True))  # a DictConfig node: a dict
     all_filters = cast(dict[str, Any], OmegaConf.to_container(cfg.filters, resolve=True))
     filters = {k: v for k, v in all_filters.items() if v is not None}

@@ -2,6 +2,7 @@
 
     python scripts/bench_serve.py --index outputs/index/runs/<run>/index
     python scripts/bench_serve.py --index DIR --requests 2000 --concurrency 8 --mix item=0.45,history=0.35,photo=0.2
+    python scripts/bench_serve.py --index DIR --runtimes torch,onnx --onnx-dir <fashion-export folder> --mix photo=1
 
 The load is a fixed number of requests (the generator stops by itself) from ``--concurrency`` clients
 over keep-alive connections: item ("more like this"), history (3-5 likes + 1 dislike) and photo queries
@@ -11,6 +12,10 @@ request sent -> JSON read), errors (non-200 or exceptions), and overall throughp
 Baseline, measured in the same run: the same queries answered in-process by ``Recommender`` one at a time
 (no HTTP, no concurrency), so ``p50 / in-process p50`` is what serving adds. Client and server share the
 machine's cores: on a small box the generator's own CPU time is part of the measured latency.
+
+``--runtimes torch,onnx`` runs the same requests against one server per runtime (``runtime=onnx
+onnx_dir=...`` for the ONNX Runtime encoder of a fashion-export folder), one after the other in this run, and
+ends with the ratio of each runtime's p50 / p99 to the first one's.
 """
 
 from __future__ import annotations
@@ -150,11 +155,18 @@ async def run_load(url: str, requests: list[tuple[str, object]], concurrency: in
     return stats, wall
 
 
-def in_process_baseline(index_dir: Path, requests: list[tuple[str, object]], per_kind: int) -> dict[str, float]:
+def in_process_baseline(
+    index_dir: Path, requests: list[tuple[str, object]], per_kind: int, onnx_dir: Path | None = None
+) -> dict[str, float]:
     """p50 of the same queries answered by Recommender directly, one at a time (after one warm-up each)."""
     from fashion_lightning.retrieval import Recommender
 
     recommender = Recommender.from_dir(index_dir)
+    if onnx_dir is not None:  # the export's ONNX Runtime encoder, one intra-op thread like the server's default
+        from fashion_lightning.deploy.onnx_encoder import load_onnx_encoder
+
+        identity = recommender.index.model_info.get("model_identity")
+        recommender = Recommender(recommender.index, load_onnx_encoder(onnx_dir, 1, identity=identity))
     out = {}
     for kind, payload in requests[:3]:  # warm-up: model load, first-call allocations
         if kind == "photo":
@@ -189,20 +201,49 @@ def main() -> None:
     parser.add_argument("--baseline", type=int, default=50, help="in-process queries per kind (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="also write the numbers as JSON here")
+    parser.add_argument("--runtimes", default="torch", help="comma-separated: torch and/or onnx, run in this order")
+    parser.add_argument("--onnx-dir", type=Path, help="fashion-export folder of the index's model (runtime onnx)")
     parser.add_argument("server_overrides", nargs="*", help="fashion-serve overrides, e.g. torch_threads=1")
     args = parser.parse_args()
+    runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
+    if not runtimes or set(runtimes) - {"torch", "onnx"}:
+        raise SystemExit(f"--runtimes: torch and/or onnx, got {args.runtimes!r}")
+    if "onnx" in runtimes and args.onnx_dir is None:
+        raise SystemExit("--runtimes onnx needs --onnx-dir (a fashion-export folder of the index's model)")
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(1, user_api="blas")  # the baseline searches like the server does (search_threads=1)
     mix = parse_mix(args.mix)
     requests = make_requests(args.index, args.requests + args.warmup, mix, 10, args.seed)
     warmup, requests = requests[: args.warmup], requests[args.warmup :]
+    reports = {runtime: bench_runtime(args, runtime, warmup, requests) for runtime in runtimes}
+    if len(reports) > 1:
+        first = runtimes[0]
+        print(f"ratios to {first} (same requests, this run): p50 / p99 client side; server p50")
+        for runtime in runtimes[1:]:
+            for kind, stats in reports[runtime]["kinds"].items():
+                ref = reports[first]["kinds"].get(kind)
+                if ref:
+                    print(
+                        f"  {runtime:6} {kind:8} p50 x{stats['p50_ms'] / ref['p50_ms']:.2f}  "
+                        f"p99 x{stats['p99_ms'] / ref['p99_ms']:.2f}  server p50 x"
+                        f"{stats['server_p50_ms'] / ref['server_p50_ms']:.2f}"
+                    )
+    if args.out:
+        args.out.write_text(json.dumps(reports if len(reports) > 1 else reports[runtimes[0]], indent=2) + "\n")
+    if any(sum(s["errors"] for s in r["kinds"].values()) for r in reports.values()):
+        raise SystemExit(1)
 
-    baseline = in_process_baseline(args.index, requests, args.baseline) if args.baseline else {}
+
+def bench_runtime(args: argparse.Namespace, runtime: str, warmup: list, requests: list) -> dict:
+    """One server with ``runtime`` under the load; prints its table and returns its numbers."""
+    onnx_dir = args.onnx_dir if runtime == "onnx" else None
+    overrides = [*args.server_overrides, *(["runtime=onnx", f"onnx_dir={onnx_dir}"] if onnx_dir else [])]
+    baseline = in_process_baseline(args.index, requests, args.baseline, onnx_dir) if args.baseline else {}
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as run_dir:
-        server = start_server(args.index, port, args.server_overrides, Path(run_dir))
+        server = start_server(args.index, port, overrides, Path(run_dir))
         try:
             startup = wait_healthy(url, server, timeout=600)
             asyncio.run(run_load(url, warmup, args.concurrency))
@@ -218,7 +259,8 @@ def main() -> None:
 
     total_errors = sum(s["errors"] for s in stats.values())
     print(
-        f"fashion-serve bench: {len(requests)} requests, {args.concurrency} concurrent, mix {args.mix}; "
+        f"fashion-serve bench (runtime={runtime}): {len(requests)} requests, {args.concurrency} concurrent, "
+        f"mix {args.mix}; "
         f"index {args.index} ({platform.node()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M %Z')})"
     )
     print(
@@ -233,9 +275,10 @@ def main() -> None:
     )
     print(header)
     report = {
+        "runtime": runtime,
         "requests": len(requests),
         "concurrency": args.concurrency,
-        "mix": mix,
+        "mix": parse_mix(args.mix),
         "wall_s": wall,
         "throughput_rps": len(requests) / wall,
         "startup_s": startup,
@@ -268,10 +311,7 @@ def main() -> None:
             "server_p99_ms": float(s99),
             "in_process_p50_ms": base,
         }
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-    if total_errors:
-        raise SystemExit(1)
+    return report
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from fashion_lightning.serve.limits import ServeSettings, SettingsError
 from fashion_lightning.serve.reload import LiveRecommender, load_sharing, token_from_env
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log
 from fashion_lightning.utils.config_check import ConfigError
-from fashion_lightning.utils.runtime import apply_runtime
+from fashion_lightning.utils.runtime import apply_runtime, engine_of
 
 
 def build(cfg: DictConfig):
@@ -44,13 +44,14 @@ def build(cfg: DictConfig):
     root = cfg.catalog_root or recommender.index.model_info.get("catalog")
     source = CatalogSource(root) if root else None
     checkpoint = verified_model_path(recommender.index)  # resolved in the index folder, size + sha256
-    if checkpoint and cfg.inference == "process":
+    loader = _onnx_loader(cfg, recommender)  # runtime=onnx: the export's encoder, checked now
+    if loader is not None and cfg.inference != "process":
+        recommender = Recommender(recommender.index, cast("Encoder", loader()))
+    elif (checkpoint or loader) and cfg.inference == "process":
         from fashion_lightning.serve.inference import ProcessEncoder
 
-        recommender = Recommender(
-            recommender.index,
-            cast("Encoder", ProcessEncoder(str(checkpoint), int(cfg.inference_workers), cfg.torch_threads).start()),
-        )
+        workers = ProcessEncoder(str(checkpoint), int(cfg.inference_workers), cfg.torch_threads, loader=loader)
+        recommender = Recommender(recommender.index, cast("Encoder", workers.start()))
     elif checkpoint and cfg.preload_model:
         if cfg.torch_threads:
             import torch
@@ -97,6 +98,15 @@ def bind(host: str, port: int) -> socket.socket:
         raise PortError(f"cannot listen on {host}:{port}: {why}") from None
     sock.set_inheritable(False)
     return sock
+
+
+def _onnx_loader(cfg: DictConfig, recommender: Recommender):
+    """``runtime=onnx``: a loader of the export's ONNX Runtime encoder (None for PyTorch)."""
+    if engine_of(cfg) == "torch":
+        return None
+    from fashion_lightning.deploy.onnx_encoder import encoder_loader
+
+    return encoder_loader(cfg, recommender.index.model_info.get("model_identity"))
 
 
 def _search_threads(n: int | None) -> None:

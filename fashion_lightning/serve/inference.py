@@ -38,10 +38,14 @@ _ENCODER: Any = None  # the worker process's model
 _ERROR: str | None = None
 
 
-def _load(checkpoint: str, torch_threads: int | None) -> None:
-    """Worker initializer: load the checkpoint once (errors are kept and reported on the first call)."""
+def _load(checkpoint: str, torch_threads: int | None, loader: Callable[[], Any] | None = None) -> None:
+    """Worker initializer: load the checkpoint once (errors are kept and reported on the first call).
+    ``loader`` (picklable) builds another encoder instead, e.g. ONNX Runtime's (``runtime=onnx``)."""
     global _ENCODER, _ERROR
     try:
+        if loader is not None:
+            _ENCODER = loader()
+            return
         import torch
 
         if torch_threads:
@@ -56,6 +60,8 @@ def _load(checkpoint: str, torch_threads: int | None) -> None:
 def _call(method: str, payload: Any) -> Any:
     if _ERROR is not None:
         raise ModelLoadError(_ERROR)
+    if getattr(_ENCODER, "accepts_numpy", False):  # numpy in and out (ONNX Runtime): no torch in the worker
+        return _call_numpy(method, payload)
     import torch
 
     with torch.inference_mode():
@@ -72,6 +78,15 @@ def _call(method: str, payload: Any) -> Any:
             return _ENCODER.embed_images(images).float().cpu().numpy()
         if method == "predict_attributes":
             return _ENCODER.predict_attributes(images)
+    raise ValueError(f"unknown encoder method {method!r}")
+
+
+def _call_numpy(method: str, payload: Any) -> Any:
+    if method == "ready":
+        time.sleep(payload)
+        return _ENCODER.embedding_name
+    if method in ("embed_texts", "embed_and_predict", "embed_images", "predict_attributes"):
+        return getattr(_ENCODER, method)(list(payload) if method == "embed_texts" else payload)
     raise ValueError(f"unknown encoder method {method!r}")
 
 
@@ -290,9 +305,11 @@ class ProcessEncoder:
         torch_threads: int | None = 1,
         max_batch: int = 16,
         pool: Executor | None = None,
+        loader: Callable[[], Any] | None = None,
     ) -> None:
-        """``pool``: where forward passes run (default: ``workers`` supervised processes that load ``checkpoint``)."""
-        self.pool = pool or SupervisedPool(workers, initializer=_load, initargs=(checkpoint, torch_threads))
+        """``pool``: where forward passes run (default: ``workers`` supervised processes that load ``checkpoint``,
+        or call ``loader`` for another encoder)."""
+        self.pool = pool or SupervisedPool(workers, initializer=_load, initargs=(checkpoint, torch_threads, loader))
         self.workers = max(1, workers)
         self.max_batch = max(1, max_batch)
         self.embedding_name = ""

@@ -20,6 +20,7 @@ from fashion_lightning.utils.malloc import keep_freed_memory
 
 MALLOC = ("keep", "default")
 MATMUL_PRECISION = ("highest", "high", "medium")
+ENGINES = ("torch", "onnx")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Runtime:
     tokenizers_parallelism: bool
     ignore_warnings: tuple[str, ...]
     faiss_blas_threshold: int | str | None
+    engine: str = "torch"
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> Runtime:
@@ -49,6 +51,8 @@ class Runtime:
             not isinstance(runtime.torch_threads, int) or runtime.torch_threads < 1
         ):
             raise ConfigError(f"runtime.torch_threads must be null or a positive int, got {runtime.torch_threads!r}")
+        if runtime.engine not in ENGINES:
+            raise ConfigError(f"runtime.engine must be one of {ENGINES}, got {runtime.engine!r}")
         blas = runtime.faiss_blas_threshold
         if not (blas is None or blas == "auto" or (isinstance(blas, int) and not isinstance(blas, bool) and blas >= 0)):
             raise ConfigError(f"runtime.faiss_blas_threshold must be null, 'auto' or an int >= 0, got {blas!r}")
@@ -93,3 +97,9 @@ def apply_runtime(cfg: Mapping[str, Any] | None) -> Runtime:
             torch.set_num_threads(runtime.torch_threads)
     _current = runtime
     return runtime
+
+
+def engine_of(cfg: Mapping[str, Any]) -> str:
+    """Which engine an app's config asks to run the model with (``runtime.engine``: torch or onnx)."""
+    node = cfg.get("runtime") or {}
+    return str(node.get("engine", "torch")) if isinstance(node, Mapping) else "torch"
