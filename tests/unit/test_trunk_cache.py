@@ -255,3 +255,51 @@ def test_cached_recipe_builds_a_valid_lite0_module(tmp_path: Path) -> None:
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     assert 0.5 < trainable / sum(p.numel() for p in module.parameters()) < 1.0  # most of lite0 still trains
     assert checked_hparams("multitask", plain(dict(module.hparams)), "recipe")["cache_trunk"]["cut"] == 5
+
+
+KILLED_BUILD = """
+import json, os, signal, sys
+import torch
+from fashion_lightning.data import trunk_cache
+from fashion_lightning.data.datamodule import FashionDataModule
+from fashion_lightning.data.transforms import default_train_transform
+from fashion_lightning.models.multitask import MultiTaskNet
+from fashion_lightning.models.trunk import TrunkEncoder, TrunkSplit
+
+trunk_cache.CHUNK_ITEMS = 16
+dm = FashionDataModule(**json.loads(sys.argv[1]))
+dm.setup("fit")
+torch.manual_seed(0)
+net = MultiTaskNet({"a": 3}, backbone="test_resnet", input_size=(40, 32)).eval()
+encoder = TrunkEncoder(net, TrunkSplit(net.backbone, 2))
+
+def die(done, total):
+    if done == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # kill -9 in the middle of the build
+
+trunk_cache.ensure_trunk_cache(dm.datasets["train"], encoder, sys.argv[2], views=2,
+                               transform=default_train_transform(), seed=3, progress=die)
+"""
+
+
+@pytest.mark.slow
+def test_a_build_killed_with_sigkill_resumes(
+    synthetic_dm_kwargs: dict, train_items, tmp_path: Path, monkeypatch
+) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", KILLED_BUILD, json.dumps(synthetic_dm_kwargs), str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    folder = next(p for p in (tmp_path / "trunk").iterdir() if p.is_dir())
+    assert not (folder / "meta.json").exists() and len(list((folder / "chunks").glob("*.sha1"))) == 2
+    monkeypatch.setattr(trunk_cache, "CHUNK_ITEMS", 16)
+    _, enc = _encoder()
+    cache = ensure_trunk_cache(train_items, enc, tmp_path, views=2, transform=default_train_transform(), seed=3)
+    assert cache.path == folder and enc.images == 2 * (len(train_items) - 2 * 16)  # resumed after the 2 chunks
+    _, fresh = _encoder()
+    reference = ensure_trunk_cache(
+        train_items, fresh, tmp_path / "ref", views=2, transform=default_train_transform(), seed=3
+    )
+    np.testing.assert_array_equal(np.array(cache.open()), np.array(reference.open()))
