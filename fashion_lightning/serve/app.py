@@ -327,7 +327,10 @@ def _image_type(data: bytes) -> str:
 
 
 def _with_server_time(out: dict[str, Any], start: float) -> dict[str, Any]:
+    """The answer as shoppers see it: the server's time added, the index folder's path on this machine left out
+    (``timings.index_version`` says which index answered)."""
     out["timings"]["server_ms"] = round((time.perf_counter() - start) * 1e3, 3)
+    out.get("query", {}).pop("index", None)
     return out
 
 

@@ -382,3 +382,12 @@ def _claimed_png(width: int, height: int) -> bytes:
     return (
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
     )
+
+
+def test_answers_do_not_show_the_index_folder_of_the_server(client, index_dir):
+    """An answer says which index version answered, never where the folder sits on the server's disk."""
+    first = client.get("/items", params={"limit": 1}).json()["items"][0]["id"]
+    answer = client.post("/recommend", json={"item_id": int(first)})
+    assert answer.status_code == 200, answer.text
+    assert "index" not in answer.json()["query"] and answer.json()["timings"]["index_version"]
+    assert str(index_dir) not in answer.text
