@@ -1,4 +1,5 @@
-"""The package's import graph points one way: utils <- data <- evaluation <- callbacks <- models <- retrieval <- apps.
+"""The package's import graph points one way: utils <- data <- evaluation <- callbacks <- models <- retrieval <- deploy
+<- apps.
 
 A module may import its own layer or any layer below it, never one above (lazy imports inside functions
 count too): a reader can then learn the tree bottom-up, and a low layer never drags in a high one.
@@ -13,7 +14,7 @@ from pathlib import Path
 import fashion_lightning
 
 PACKAGE = Path(fashion_lightning.__file__).resolve().parent
-LAYERS = ("utils", "data", "evaluation", "callbacks", "models", "retrieval")  # bottom first
+LAYERS = ("utils", "data", "evaluation", "callbacks", "models", "retrieval", "deploy")  # bottom first
 TOP = len(LAYERS)  # apps: fashion_lightning/*.py, serve/, apps/
 
 
