@@ -59,6 +59,18 @@ INSTALL_HINT = 'the Qdrant backend needs qdrant-client: pip install -e ".[qdrant
 ENGINES = ("client", "edge")
 
 
+def _in_order(ids: np.ndarray, points: Sequence[Any], dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Retrieved points' vectors in the order of ``ids`` (zeros where absent), and a mask of the found ones."""
+    by_id = {int(p.id): p.vector for p in points}
+    out = np.zeros((len(ids), dim), np.float32)
+    found = np.zeros(len(ids), bool)
+    for i, item in enumerate(ids):
+        vector = by_id.get(int(item))
+        if vector is not None:
+            out[i], found[i] = np.asarray(vector, dtype=np.float32), True
+    return out, found
+
+
 class QdrantError(RetrievalError):
     """The Qdrant side cannot be used as asked (unreachable, another dimension or model, not installed)."""
 
@@ -249,14 +261,7 @@ class QdrantStore:
     def vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Stored vectors of ``ids`` in that order, and a mask of the ids the collection holds."""
         got = self.client.retrieve(self.name, ids=[int(i) for i in ids], with_vectors=True, with_payload=False)
-        by_id = {int(p.id): p.vector for p in got}
-        out = np.zeros((len(ids), self.dim), np.float32)
-        found = np.zeros(len(ids), bool)
-        for i, item in enumerate(ids):
-            vector = by_id.get(int(item))
-            if vector is not None:
-                out[i], found[i] = np.asarray(vector, dtype=np.float32), True
-        return out, found
+        return _in_order(ids, got, self.dim)
 
     def search(
         self, query: np.ndarray, limit: int, filters: Mapping[str, Sequence[str]], exclude_ids: Sequence[int]
@@ -379,14 +384,7 @@ class EdgeStore(QdrantStore):
 
     def vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         got = self.client.retrieve([int(i) for i in ids], with_payload=False, with_vector=True)
-        by_id = {int(p.id): p.vector for p in got}
-        out = np.zeros((len(ids), self.dim), np.float32)
-        found = np.zeros(len(ids), bool)
-        for i, item in enumerate(ids):
-            vector = by_id.get(int(item))
-            if vector is not None:
-                out[i], found[i] = np.asarray(vector, dtype=np.float32), True
-        return out, found
+        return _in_order(ids, got, self.dim)
 
     def search(
         self, query: np.ndarray, limit: int, filters: Mapping[str, Sequence[str]], exclude_ids: Sequence[int]
