@@ -7,7 +7,6 @@ Then: ``fashion-train data=kaggle data.root=<printed path>``.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
@@ -16,8 +15,8 @@ from rich.console import Console
 
 from fashion_lightning.data.download import DownloadError, download_dataset, next_commands
 from fashion_lightning.data.source import CatalogNotFoundError
-from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log
-from fashion_lightning.utils.config_check import ConfigError
+from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE
+from fashion_lightning.utils.config_check import one_line_errors
 from fashion_lightning.utils.reporting import update_json
 from fashion_lightning.utils.task_wrapper import task_wrapper
 
@@ -35,11 +34,8 @@ def download(cfg: DictConfig, console: Console | None = None) -> Path:
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="download")
 def main(cfg: DictConfig) -> None:
-    try:
+    with one_line_errors(DownloadError, CatalogNotFoundError, FileExistsError):  # user errors: exit 2, like every app
         download(cfg)
-    except (ConfigError, DownloadError, CatalogNotFoundError, FileExistsError) as err:
-        log.error("%s", err)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -235,3 +235,21 @@ def test_interrupted_copy_leaves_the_target_alone(fake_kaggle: list, tmp_path: P
     with pytest.raises(OSError, match="No space"):
         download_dataset(target_dir=target)
     assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_download_app_exits_2_with_one_line_like_every_app(tmp_path: Path):
+    """A user error (no network, bad credentials) is exit 2 and one line, as in the other six apps (was 1)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import kagglehub, sys\n"
+        "def offline(*a, **k): raise ConnectionError(\"Failed to resolve 'api.kaggle.com'\")\n"
+        "kagglehub.dataset_download = offline\n"
+        "from fashion_lightning.download import main\n"
+        f"sys.argv = ['fashion-download', 'hydra.run.dir={tmp_path / 'run'}']\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "ConnectionError" in done.stderr + done.stdout
