@@ -293,6 +293,23 @@ class SupervisedPool(Executor):
             process.join(1.0)
 
 
+def _join_photos(queries: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(queries) if len(queries) > 1 else queries[0]
+
+
+def _split_photos(answer: tuple[np.ndarray, dict[str, list[str]]], rows: slice) -> Any:
+    embedding, predictions = answer
+    return embedding[rows], {task: labels[rows] for task, labels in predictions.items()}
+
+
+def _join_texts(queries: list[list[str]]) -> list[str]:
+    return [text for query in queries for text in query]
+
+
+def _split_rows(answer: np.ndarray, rows: slice) -> np.ndarray:
+    return answer[rows]
+
+
 class ProcessEncoder:
     """The :class:`~fashion_lightning.retrieval.queries.Encoder` protocol, answered by worker processes."""
 
@@ -314,8 +331,18 @@ class ProcessEncoder:
         self.max_batch = max(1, max_batch)
         self.embedding_name = ""
         self._photos: queue.SimpleQueue[tuple[np.ndarray, Future[Any]] | None] = queue.SimpleQueue()
+        self._texts: queue.SimpleQueue[tuple[list[str], Future[Any]] | None] = queue.SimpleQueue()
         self._free = threading.Semaphore(self.workers)  # a batch leaves only when a worker is free
-        self._batcher = threading.Thread(target=self._batch_photos, name="photo-batcher", daemon=True)
+        self._batchers = [
+            threading.Thread(
+                target=self._serve_batches, args=("embed_and_predict", self._photos, _join_photos, _split_photos),
+                name="photo-batcher", daemon=True,
+            ),
+            threading.Thread(
+                target=self._serve_batches, args=("embed_texts", self._texts, _join_texts, _split_rows),
+                name="text-batcher", daemon=True,
+            ),
+        ]  # fmt: skip
 
     def start(self) -> ProcessEncoder:
         """Start every worker and wait for its model (raises ModelLoadError for a bad checkpoint)."""
@@ -328,7 +355,8 @@ class ProcessEncoder:
         except ModelLoadError:
             self.close()
             raise
-        self._batcher.start()
+        for batcher in self._batchers:
+            batcher.start()
         return self
 
     def health(self) -> dict[str, int]:
@@ -345,46 +373,52 @@ class ProcessEncoder:
         self._photos.put((np.ascontiguousarray(images), answer))
         return answer.result()
 
-    def _batch_photos(self) -> None:
-        """Wait for a free worker, then send every photo query waiting by then (up to max_batch) as one batch."""
+    def _serve_batches(
+        self,
+        method: str,
+        waiting: queue.SimpleQueue[Any],
+        join: Callable[[list[Any]], Any],
+        split: Callable[[Any, slice], Any],
+    ) -> None:
+        """Take the next query, wait for a free worker, then send every query of this kind waiting by then (up
+        to ``max_batch`` items) as one forward pass; ``split`` gives each query its own rows of the answer."""
         while True:
-            self._free.acquire()
-            first = self._photos.get()
+            first = waiting.get()
             if first is None:
                 return
-            waiting = [first]
-            while sum(len(images) for images, _ in waiting) < self.max_batch:
+            self._free.acquire()  # queries arriving while every worker is busy join this batch
+            batch = [first]
+            while sum(len(payload) for payload, _ in batch) < self.max_batch:
                 try:
-                    nxt = self._photos.get_nowait()
+                    nxt = waiting.get_nowait()
                 except queue.Empty:
                     break
                 if nxt is None:
-                    self._photos.put(None)  # stop after this batch
+                    waiting.put(None)  # stop after this batch
                     break
-                waiting.append(nxt)
-            batch = np.concatenate([images for images, _ in waiting]) if len(waiting) > 1 else first[0]
+                batch.append(nxt)
             try:
-                done = self.pool.submit(_call, "embed_and_predict", batch)
+                done = self.pool.submit(_call, method, join([payload for payload, _ in batch]))
             except RuntimeError as err:  # the pool is shut down
                 self._free.release()
-                for _, answer in waiting:
+                for _, answer in batch:
                     answer.set_exception(err)
                 continue
-            done.add_done_callback(functools.partial(self._answer, waiting))
+            done.add_done_callback(functools.partial(self._answer, batch, split))
 
-    def _answer(self, waiting: list[tuple[np.ndarray, Future[Any]]], result: Future[Any]) -> None:
-        """Split a batch's embeddings and predictions back to the queries it served."""
+    def _answer(
+        self, batch: list[tuple[Any, Future[Any]]], split: Callable[[Any, slice], Any], result: Future[Any]
+    ) -> None:
+        """Hand each query of a batch its own rows of the answer."""
         self._free.release()
         error = result.exception()
         start = 0
-        for images, answer in waiting:
+        for payload, answer in batch:
             if error is not None:
                 answer.set_exception(error)
                 continue
-            embedding, predictions = result.result()
-            rows = slice(start, start + len(images))
-            answer.set_result((embedding[rows], {task: labels[rows] for task, labels in predictions.items()}))
-            start += len(images)
+            answer.set_result(split(result.result(), slice(start, start + len(payload))))
+            start += len(payload)
 
     def embed_images(self, images: np.ndarray) -> np.ndarray:
         return self._run("embed_images", np.ascontiguousarray(images))
@@ -393,9 +427,13 @@ class ProcessEncoder:
         return self._run("predict_attributes", np.ascontiguousarray(images))
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
-        return self._run("embed_texts", list(texts))
+        """One query's texts; batched with the texts of other queries waiting at the same time."""
+        answer: Future[Any] = Future()
+        self._texts.put((list(texts), answer))
+        return answer.result()
 
     def close(self) -> None:
         """Stop the batcher and every worker process (waits for them: no worker outlives the server)."""
         self._photos.put(None)
+        self._texts.put(None)
         self.pool.shutdown(wait=True, cancel_futures=True)

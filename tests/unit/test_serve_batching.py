@@ -50,3 +50,43 @@ def test_waiting_photos_go_through_as_one_batch_and_each_query_gets_its_rows(mon
     for query, (embedding, predicted) in zip(queries, answers):
         assert embedding.shape == (len(query), 4) and np.allclose(embedding, query[0, 0, 0, 0])
         assert predicted == {"colour": [str(int(query[0, 0, 0, 0]))] * len(query)}
+
+
+class CountingTextEncoder:
+    """Embedding of a text = its length; counts forward passes and how many texts each held."""
+
+    embedding_name = "counting-text"
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        self.entered.set()
+        self.gate.wait(5)
+        self.batches.append(len(texts))
+        return torch.tensor([[float(len(t))] * 3 for t in texts])
+
+
+def test_waiting_text_queries_go_through_as_one_batch_beside_photos(monkeypatch):
+    """Text queries batch like photos (issue 17), and a photo batcher waiting for photos never holds a worker
+    that texts need (one worker)."""
+    fake = CountingTextEncoder()
+    monkeypatch.setattr(inference, "_ENCODER", fake)
+    monkeypatch.setattr(inference, "_ERROR", None)
+    pool = ThreadPoolExecutor(1)
+    encoder = inference.ProcessEncoder("unused.ckpt", workers=1, max_batch=16, pool=pool).start()
+    queries = [["red dress"], ["blue jeans", "black belt"], ["watch"], ["white sneakers", "cap", "scarf"]]
+    with ThreadPoolExecutor(len(queries)) as clients:
+        first = clients.submit(encoder.embed_texts, queries[0])
+        assert fake.entered.wait(5)
+        rest = [clients.submit(encoder.embed_texts, q) for q in queries[1:]]
+        threading.Event().wait(0.2)
+        fake.gate.set()
+        answers = [first.result(5)] + [r.result(5) for r in rest]
+    encoder.close()
+
+    assert fake.batches == [1, 6]
+    for query, embedding in zip(queries, answers):
+        assert np.array_equal(embedding[:, 0], [len(t) for t in query])
