@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_clip import TINY, VOCABS, loader, squares, trainer
 from torch.utils.data import DataLoader
 
 from fashion_lightning.data.backgrounds import BackgroundComposite, composite, make_background, product_mask
@@ -25,7 +26,6 @@ from fashion_lightning.models.losses import (
     sigmoid_pair_loss,
     supervised_contrastive,
 )
-from tests.unit.test_clip import TINY, VOCABS, loader, squares, trainer
 
 
 @pytest.fixture(autouse=True, scope="module")
