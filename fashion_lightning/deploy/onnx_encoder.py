@@ -61,6 +61,7 @@ class OnnxEncoder:
         """A CPU session from the graph's verified bytes (a path would let the graph name external files)."""
         ort = require("onnxruntime")
         data = self.bundle.graph(name)
+        refuse_external_data(data, self.bundle.root / name)
         try:
             return ort.InferenceSession(data, self._options, providers=["CPUExecutionProvider"])
         except Exception as err:  # noqa: BLE001 - ORT raises its own types for unparsable / invalid graphs
@@ -200,6 +201,30 @@ def load_onnx_encoder(
             f"the index's ({str(identity)[:12]}...); export the index's model with fashion-export"
         )
     return OnnxEncoder(bundle, threads=threads, precision=precision or "fp32")
+
+
+def refuse_external_data(data: bytes, where: Path) -> None:
+    """A graph whose tensors live in other files (ONNX "external data") is refused before ONNX Runtime sees it:
+    fashion-export writes none, and a crafted graph must not make the runtime read a file that the folder's
+    checksums do not cover. The graph is only parsed (protobuf), every nested graph walked iteratively."""
+    onnx = require("onnx")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except Exception as err:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise OnnxBundleError(f"{where}: not an ONNX graph ({type(err).__name__})") from None
+    graphs, tensors = [model.graph], []
+    while graphs:
+        graph = graphs.pop()
+        tensors += list(graph.initializer)
+        tensors += [t for sparse in graph.sparse_initializer for t in (sparse.values, sparse.indices)]
+        for node in graph.node:
+            for attribute in node.attribute:
+                tensors += [attribute.t, *attribute.tensors]
+                graphs += [attribute.g, *attribute.graphs] if attribute.HasField("g") else list(attribute.graphs)
+    for tensor in tensors:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data):
+            raise OnnxBundleError(f"{where}: tensor {tensor.name[:80]!r} points at an external file; refused")
 
 
 def check_runtime(runtime: Any, onnx_dir: Any) -> str | None:

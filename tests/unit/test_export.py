@@ -362,3 +362,28 @@ def test_serve_with_onnx_workers_matches_pytorch(work, tmp_path):
     for ours, theirs in zip(answers["onnx"], answers["torch"]):
         assert [r["id"] for r in ours["results"]] == [r["id"] for r in theirs["results"]]
         assert ours["query"]["predicted"] == theirs["query"]["predicted"]
+
+
+def test_a_graph_pointing_at_external_files_is_refused_before_onnx_runtime(work, tmp_path):
+    """Whoever edits a folder can re-sign its manifest; a graph whose weights name a file elsewhere (ONNX external
+    data) must still never make the runtime read that file (issue 19's rule for files from elsewhere)."""
+    import hashlib
+
+    import onnx
+
+    folder = _copy(work, tmp_path)
+    model = onnx.load_from_string((folder / "image.onnx").read_bytes())
+    tensor = model.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "../../secret.bin"), ("offset", "0"), ("length", "64")):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    data = model.SerializeToString()
+    (folder / "image.onnx").write_bytes(data)
+    _edit_manifest(
+        folder,
+        lambda m: m["files"]["image.onnx"].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest()),
+    )
+    with pytest.raises(OnnxBundleError, match="points at an external file"):
+        load_onnx_encoder(folder)
