@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
+from fashion_lightning.models.artifact import model_identity
 from fashion_lightning.models.base import CheckpointError, load_module
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
 from fashion_lightning.utils.config_check import ConfigError, one_line_errors
@@ -35,7 +36,7 @@ def export(cfg: DictConfig) -> Path:
     from torch.utils.data import DataLoader, Subset
 
     from fashion_lightning.deploy.bundle import require
-    from fashion_lightning.deploy.onnx_export import export_onnx, model_identity, sample_from_loader
+    from fashion_lightning.deploy.onnx_export import export_onnx, sample_from_loader
 
     if cfg.format not in FORMATS:
         raise ConfigError(f"format={cfg.format!r}: only {', '.join(FORMATS)} is supported")
@@ -66,7 +67,7 @@ def export(cfg: DictConfig) -> Path:
             calibration = sample_from_loader(DataLoader(Subset(train, rows.tolist()), batch_size=64),
                                              len(rows)).images  # fmt: skip
     manifest = export_onnx(
-        module, out_dir, model_identity(module, source), sample, cfg.quantize, calibration, report, cfg.threads
+        module, out_dir, model_identity(source, module), sample, cfg.quantize, calibration, report, cfg.threads
     )
     _print_summary(out_dir, manifest, str(datamodule.hparams.split))
     return out_dir

@@ -30,7 +30,13 @@ from rich.console import Console
 from torch.utils.data import Subset, default_collate
 
 from fashion_lightning.data.schema import COLUMNS
-from fashion_lightning.models.artifact import artifact_identity, copy_artifact, is_artifact, save_artifact
+from fashion_lightning.models.artifact import (
+    artifact_identity,
+    copy_artifact,
+    is_artifact,
+    model_identity,
+    save_artifact,
+)
 from fashion_lightning.models.base import CheckpointError, FashionModule, load_module
 from fashion_lightning.retrieval.manifest import (
     BACKENDS,
@@ -73,7 +79,7 @@ from fashion_lightning.retrieval.update import (
 )
 from fashion_lightning.retrieval.writer import IndexWriter
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log
-from fashion_lightning.utils.atomic import atomic_dir, atomic_write_text, remove_dead_temps, temp_prefix
+from fashion_lightning.utils.atomic import atomic_dir, atomic_write_text, remove_dead_temps
 from fashion_lightning.utils.config_check import ConfigError, one_line_errors
 from fashion_lightning.utils.runtime import engine_of
 from fashion_lightning.utils.task_wrapper import task_wrapper
@@ -107,7 +113,7 @@ def build(cfg: DictConfig) -> Path:
     store = None
     if target is not None:  # a collection of another dimension or model: refused before anything is written
         dim = _embedding_dim(module, datamodule)
-        store = open_store(target, dim, _identity_of(source), create=True)
+        store = open_store(target, dim, model_identity(source, module), create=True)
     model = _place_model(module, source, out_dir) if cfg.get("copy_model", True) else source
     model_info = {
         **model_record(model, out_dir),
@@ -167,8 +173,8 @@ def update(cfg: DictConfig, parent_dir: Path, out_dir: Path, qdrant_cfg: dict[st
     if parent_model is None or not parent_model.exists():
         raise UpdateError(f"{parent_dir}: the model that built it is not in the folder; do a full build")
     given = Path(cfg.ckpt_path) if cfg.ckpt_path else None
-    identity = check_same_model(parent, _identity_of(given.expanduser().resolve()) if given else None, parent_dir)
-    if check_same_model(parent, _identity_of(parent_model), parent_dir) != identity:  # the folder's own copy
+    identity = check_same_model(parent, model_identity(given.expanduser().resolve()) if given else None, parent_dir)
+    if check_same_model(parent, model_identity(parent_model), parent_dir) != identity:  # the folder's own copy
         raise UpdateError(f"{parent_model} does not hold the model {parent_dir}'s manifest names")
     store = None
     if parent.backend == "qdrant":  # the collection is checked (reachable, dimension, model) before any work
@@ -261,22 +267,13 @@ def _embedding_dim(module: FashionModule, datamodule: Any) -> int:
         return int(module.predict_step(batch)["embedding"].shape[1])
 
 
-def _identity_of(model: Path) -> str:
-    """The weights' identity of an artefact folder, or of the artefact a .ckpt would give."""
-    if is_artifact(model):
-        return artifact_identity(model)
-    with tempfile.TemporaryDirectory(prefix="fl-identity-") as scratch:
-        return artifact_identity(save_artifact(load_module(model), Path(scratch) / MODEL_DIR))
-
-
 def _onnx_loader(cfg: DictConfig, module: FashionModule, source: Path) -> Callable[[], Any] | None:
     """``runtime=onnx``: the export's encoder loader, after checking it was exported from this model."""
     if engine_of(cfg) == "torch":
         return None
     from fashion_lightning.deploy.onnx_encoder import encoder_loader
-    from fashion_lightning.deploy.onnx_export import model_identity
 
-    return encoder_loader(cfg, model_identity(module, source))
+    return encoder_loader(cfg, model_identity(source, module))
 
 
 def _embed_with_onnx(
@@ -302,13 +299,8 @@ def _place_model(module: FashionModule, source: Path, out_dir: Path) -> Path:
     if not target.exists():
         out_dir.mkdir(parents=True, exist_ok=True)
         return copy_artifact(source, target) if is_artifact(source) else save_artifact(module, target)
-    if is_artifact(source):
-        ours = artifact_identity(source)
-    else:  # the artefact this .ckpt would give, written aside to compare its weights' sha256
-        remove_dead_temps(out_dir)  # a scratch copy a killed build left
-        with tempfile.TemporaryDirectory(prefix=temp_prefix(MODEL_DIR), dir=out_dir) as scratch:
-            ours = artifact_identity(save_artifact(module, Path(scratch) / MODEL_DIR))
-    if artifact_identity(target) != ours:
+    remove_dead_temps(out_dir)  # a scratch copy a killed build left
+    if artifact_identity(target) != model_identity(source, module, scratch_dir=out_dir):
         raise CheckpointError(f"{target} holds another model than {source}; use a new index_dir")
     return target
 

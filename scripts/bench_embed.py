@@ -160,9 +160,9 @@ def _repeat(fn: Callable[[], Any], n: int) -> Callable[[], None]:
 
 
 def _identity(module: Any, path: Path) -> str:
-    from fashion_lightning.deploy.onnx_export import model_identity
+    from fashion_lightning.models.artifact import model_identity
 
-    return model_identity(module, path)
+    return model_identity(path, module)
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

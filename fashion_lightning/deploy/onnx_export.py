@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -102,17 +101,6 @@ class TextGraph(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         module: Any = self.module
         return module.net.encode_text(tokens).float()
-
-
-def model_identity(module: FashionModule, source: str | Path) -> str:
-    """The sha256 of the model's artefact weights (what an index records): read from an artefact, or from
-    the artefact a .ckpt gives (written aside)."""
-    from fashion_lightning.models.artifact import artifact_identity, is_artifact, save_artifact
-
-    if is_artifact(source):
-        return artifact_identity(source)
-    with tempfile.TemporaryDirectory(prefix=".tmp-identity-") as scratch:
-        return artifact_identity(save_artifact(module, Path(scratch) / "model"))
 
 
 def _export(graph: nn.Module, example: torch.Tensor, path: Path, input_name: str, outputs: list[str]) -> None:

@@ -20,10 +20,11 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fashion_lightning.utils.atomic import atomic_dir
+from fashion_lightning.utils.atomic import atomic_dir, temp_prefix
 from fashion_lightning.utils.bounded import LimitError, Limits, load_json
 
 if TYPE_CHECKING:  # the file names above are read by torch-free code (index manifests); torch loads lazily
@@ -135,6 +136,22 @@ def read_config(path: str | Path) -> dict[str, Any]:
 def artifact_identity(path: str | Path) -> str:
     """The sha256 of the artefact's weights, as its ``model.json`` records it (what "same model" means)."""
     return str(read_config(path)["weights"]["sha256"])
+
+
+def model_identity(
+    source: str | Path, module: FashionModule | None = None, scratch_dir: str | Path | None = None
+) -> str:
+    """The weights' sha256 an artefact of this model records (what indexes and exports call its identity): read
+    from ``source`` when it is an artefact, else from the artefact its .ckpt gives (``module``, loaded from
+    ``source`` when not given), written aside in ``scratch_dir`` (default: the system temp) and removed."""
+    if is_artifact(source):
+        return artifact_identity(source)
+    if module is None:
+        from fashion_lightning.models.base import load_module
+
+        module = load_module(source)
+    with tempfile.TemporaryDirectory(prefix=temp_prefix(ARTIFACT_DIR), dir=scratch_dir) as scratch:
+        return artifact_identity(save_artifact(module, Path(scratch) / ARTIFACT_DIR))
 
 
 def verify_weights(path: str | Path, config: dict[str, Any] | None = None) -> Path:
