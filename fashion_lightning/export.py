@@ -22,7 +22,7 @@ from rich.table import Table
 
 from fashion_lightning.models.artifact import model_identity
 from fashion_lightning.models.base import CheckpointError, load_module
-from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log, quiet_runtime
+from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log
 from fashion_lightning.utils.config_check import ConfigError, one_line_errors
 from fashion_lightning.utils.task_wrapper import task_wrapper
 
@@ -103,7 +103,6 @@ def _print_summary(out_dir: Path, manifest: dict[str, Any], split: str) -> None:
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="export")
 def main(cfg: DictConfig) -> None:
-    quiet_runtime()
     from fashion_lightning.deploy.bundle import OnnxBundleError
     from fashion_lightning.deploy.onnx_export import ExportCheckError
 
