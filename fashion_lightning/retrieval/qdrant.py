@@ -59,6 +59,14 @@ INSTALL_HINT = 'the Qdrant backend needs qdrant-client: pip install -e ".[qdrant
 ENGINES = ("client", "edge")
 
 
+def _point_ids(ids: np.ndarray) -> np.ndarray:
+    """Item ids as Qdrant point ids (unsigned: a negative id is refused, not wrapped)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if (ids < 0).any():
+        raise QdrantError(f"Qdrant point ids are unsigned; item ids {ids[ids < 0][:5].tolist()} are negative")
+    return ids
+
+
 def _in_order(ids: np.ndarray, points: Sequence[Any], dim: int) -> tuple[np.ndarray, np.ndarray]:
     """Retrieved points' vectors in the order of ``ids`` (zeros where absent), and a mask of the found ones."""
     by_id = {int(p.id): p.vector for p in points}
@@ -216,9 +224,7 @@ class QdrantStore:
         """Batches of ``batch_size`` points, each acknowledged before the next (``wait``)."""
         from qdrant_client import models
 
-        ids = np.asarray(ids, dtype=np.int64)
-        if (ids < 0).any():
-            raise QdrantError(f"Qdrant point ids are unsigned; item ids {ids[ids < 0][:5].tolist()} are negative")
+        ids = _point_ids(ids)
         step = self.target.batch_size
         for start in range(0, len(ids), step):
             self.client.upsert(
@@ -336,9 +342,7 @@ class EdgeStore(QdrantStore):
     def upsert(self, ids: np.ndarray, vectors: np.ndarray, payload: Sequence[Mapping[str, Any]]) -> None:
         import qdrant_edge as qe
 
-        ids = np.asarray(ids, dtype=np.int64)
-        if (ids < 0).any():
-            raise QdrantError(f"Qdrant point ids are unsigned; item ids {ids[ids < 0][:5].tolist()} are negative")
+        ids = _point_ids(ids)
         step = self.target.batch_size
         for start in range(0, len(ids), step):
             points = [

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_clip import TINY, VOCABS, loader, squares, trainer
+from test_clip import TINY, VOCABS, loader, one_thread, squares, trainer  # noqa: F401 (one_thread: autouse fixture)
 from torch.utils.data import DataLoader
 
 from fashion_lightning.data.backgrounds import BackgroundComposite, composite, make_background, product_mask
@@ -26,14 +26,6 @@ from fashion_lightning.models.losses import (
     sigmoid_pair_loss,
     supervised_contrastive,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Holder:
