@@ -100,7 +100,7 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen(
-        [sys.executable, "-m", "fashion_lightning.serve.cli", f"index_dir={current}", f"port={port}",
+        [sys.executable, "-m", "fashion_lightning.apps.serve", f"index_dir={current}", f"port={port}",
          f"hydra.run.dir={work / 'serve'}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ},
     )  # fmt: skip

@@ -89,7 +89,7 @@ def start_server(index_dir: Path, port: int, overrides: list[str], run_dir: Path
     cmd = [
         sys.executable,
         "-m",
-        "fashion_lightning.serve.cli",
+        "fashion_lightning.apps.serve",
         f"index_dir={index_dir}",
         "host=127.0.0.1",
         f"port={port}",

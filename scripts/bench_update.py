@@ -96,10 +96,10 @@ def main() -> None:
     parser.add_argument("--changed", type=float, default=0.01)
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
+    from fashion_lightning.apps.index import build
+    from fashion_lightning.apps.train import train
     from fashion_lightning.data.synthetic import ensure_synthetic_catalog
-    from fashion_lightning.index import build
     from fashion_lightning.retrieval import Recommender, load_index
-    from fashion_lightning.train import train
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-update-"))
     cache = work / "cache"

@@ -65,7 +65,7 @@ stage() {
 
 train() {  # train NAME EXPERIMENT OVERRIDES...
   local name="$1" exp="$2"; shift 2
-  stage "$name" "${EST:-200}" "$PY" -m fashion_lightning.train "experiment=$exp" "${DATA[@]}" "${CPU_TINY[@]}" \
+  stage "$name" "${EST:-200}" "$PY" -m fashion_lightning.apps.train "experiment=$exp" "${DATA[@]}" "${CPU_TINY[@]}" \
     "hydra.run.dir=/tmp/dc_runs/$name" logger=csv "$@"
 }
 

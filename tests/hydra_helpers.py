@@ -45,8 +45,8 @@ def make_cfg(config_name: str, run_dir: Path, cache_dir: Path, overrides: list[s
 def train_and_index(root: Path, num_items: int, epochs: int) -> Path:
     """A tiny model trained on the synthetic catalog, then its index folder (what the app tests query),
     built from the run's model artefact (``<run>/model``) as README's commands do."""
-    from fashion_lightning.index import build
-    from fashion_lightning.train import train
+    from fashion_lightning.apps.index import build
+    from fashion_lightning.apps.train import train
 
     train(make_cfg("train", root / "train", root / "cache", [
         "model.net.backbone=test_resnet", "model.net.input_size=[40,32]", "model.optimizer.lr=0.01",

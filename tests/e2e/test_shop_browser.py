@@ -49,7 +49,7 @@ def base_url(index_dir, tmp_path_factory):
     """fashion-serve's app (built as the CLI builds it) under uvicorn in a thread, on a free port."""
     import uvicorn
 
-    from fashion_lightning.serve.cli import build
+    from fashion_lightning.apps.serve import build
 
     run = tmp_path_factory.mktemp("serve_run")
     app = build(make_cfg("serve", run, run / "cache", [f"index_dir={index_dir}", "default_k=12"]))

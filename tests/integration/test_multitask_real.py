@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from fashion_lightning.train import train
+from fashion_lightning.apps.train import train
 from hydra_helpers import QUIET, make_cfg
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -120,8 +120,8 @@ def test_apps_refuse_a_hostile_checkpoint_before_loading_data(app, tmp_path) -> 
     ckpt = tmp_path / "evil.ckpt"
     torch.save({CLASS_KEY: MULTITASK, "hyper_parameters": {"vocabs": Payload(marker)}}, ckpt)
     cfg = make_cfg(app, tmp_path / "run", tmp_path / "cache", [f"ckpt_path={ckpt}"])
-    run = {"train": "fashion_lightning.train:train", "eval": "fashion_lightning.eval:evaluate",
-           "index": "fashion_lightning.index:build"}[app]  # fmt: skip
+    run = {"train": "fashion_lightning.apps.train:train", "eval": "fashion_lightning.apps.eval:evaluate",
+           "index": "fashion_lightning.apps.index:build"}[app]  # fmt: skip
     module, _, name = run.partition(":")
     import importlib
 

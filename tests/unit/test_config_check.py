@@ -52,7 +52,7 @@ def test_valid_configs_pass(extra, tmp_path) -> None:
 
 
 def test_train_fails_on_a_type_error_before_touching_data(tmp_path) -> None:
-    from fashion_lightning.train import train
+    from fashion_lightning.apps.train import train
 
     cfg = make_cfg("train", tmp_path / "run", tmp_path / "cache", ["trainer.max_epochs=abc"])
     with pytest.raises(ConfigError, match="max_epochs"):
@@ -64,7 +64,7 @@ def test_train_fails_on_a_type_error_before_touching_data(tmp_path) -> None:
 def test_app_exits_2_with_one_line_naming_data_root(tmp_path) -> None:
     env = {**os.environ, "FASHION_LIGHTNING_CACHE": str(tmp_path / "cache")}
     result = subprocess.run(
-        [sys.executable, "-m", "fashion_lightning.train", "data=kaggle", f"hydra.run.dir={tmp_path / 'run'}"],
+        [sys.executable, "-m", "fashion_lightning.apps.train", "data=kaggle", f"hydra.run.dir={tmp_path / 'run'}"],
         capture_output=True, text=True, env=env, timeout=300, cwd=Path(__file__).parent,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-2000:]

@@ -125,7 +125,7 @@ def no_downloads(monkeypatch):
 def test_recipe_runs_with_fast_dev_run(group, name, tmp_path, cache_dir, synthetic_root, no_downloads):
     import torch
 
-    from fashion_lightning.train import train
+    from fashion_lightning.apps.train import train
 
     overrides = _recipe_overrides(group, name, synthetic_root) + FAST
     if group == "hparams_search":  # one trial by hand, at a point of the search space

@@ -12,10 +12,10 @@ import pytest
 from hydra import compose, initialize_config_module
 from rich.console import Console
 
-from fashion_lightning.data import download as download_module
+from fashion_lightning.data import fetch as download_module
 from fashion_lightning.data.datamodule import FashionDataModule
-from fashion_lightning.data.download import DEFAULT_HANDLE, DownloadError, download_dataset, next_commands
-from fashion_lightning.data.eda import REPORT_NAME, markdown_table, missing_values, run_eda, split_distribution
+from fashion_lightning.data.fetch import DEFAULT_HANDLE, DownloadError, download_dataset, next_commands
+from fashion_lightning.data.profile import REPORT_NAME, markdown_table, missing_values, run_eda, split_distribution
 from fashion_lightning.data.source import CatalogNotFoundError, CatalogSource
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -102,7 +102,7 @@ def _compose(config_name: str, overrides: list[str]):
 
 
 def test_eda_app_runs_on_synthetic_and_on_a_kaggle_folder(cache_dir: Path, synthetic_root: Path, tmp_path: Path):
-    from fashion_lightning.eda import eda
+    from fashion_lightning.apps.eda import eda
 
     common = [
         f"paths.cache_dir={cache_dir}",
@@ -183,7 +183,7 @@ def test_download_that_is_not_a_catalog_is_rejected(monkeypatch: pytest.MonkeyPa
 
 
 def test_download_app_prints_the_next_command(fake_kaggle: list, tmp_path: Path):
-    from fashion_lightning.download import download
+    from fashion_lightning.apps.download import download
 
     cfg = _compose("download", [f"paths.output_dir={tmp_path / 'run'}", f"target_dir={tmp_path / 'data'}", "mode=link"])
     buffer = io.StringIO()
@@ -246,7 +246,7 @@ def test_download_app_exits_2_with_one_line_like_every_app(tmp_path: Path):
         "import kagglehub, sys\n"
         "def offline(*a, **k): raise ConnectionError(\"Failed to resolve 'api.kaggle.com'\")\n"
         "kagglehub.dataset_download = offline\n"
-        "from fashion_lightning.download import main\n"
+        "from fashion_lightning.apps.download import main\n"
         f"sys.argv = ['fashion-download', 'hydra.run.dir={tmp_path / 'run'}']\n"
         "main()\n"
     )

@@ -34,7 +34,7 @@ DATA = [f"data.num_items={ITEMS}", "data.num_workers=0"]
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> SimpleNamespace:
     """A tiny trained multi-task model, its PyTorch index and its export (with a dynamic int8 graph)."""
-    from fashion_lightning.export import export
+    from fashion_lightning.apps.export import export
 
     root = tmp_path_factory.mktemp("export")
     index = train_and_index(root, ITEMS, epochs=3)
@@ -48,9 +48,9 @@ def work(tmp_path_factory) -> SimpleNamespace:
 @pytest.fixture(scope="module")
 def clip(work) -> SimpleNamespace:
     """A tiny CLIP (clip-tiny towers, zero-shot attributes) trained briefly, its export and its index."""
-    from fashion_lightning.export import export
-    from fashion_lightning.index import build
-    from fashion_lightning.train import train
+    from fashion_lightning.apps.export import export
+    from fashion_lightning.apps.index import build
+    from fashion_lightning.apps.train import train
 
     root = work.root / "clip"
     train(make_cfg("train", root / "train", work.cache, [
@@ -120,7 +120,7 @@ def test_int8_graph_reports_its_accuracy_cost(work):
 
 
 def test_static_int8_calibrates_on_catalog_photos(work, tmp_path):
-    from fashion_lightning.export import export
+    from fashion_lightning.apps.export import export
 
     cfg = make_cfg("export", tmp_path / "run", work.cache, [
         f"ckpt_path={work.model}", "quantize=static", "calibration_items=32", "check_items=16", *DATA,
@@ -228,14 +228,14 @@ def test_apps_refuse_damaged_exports_with_one_line(work, tmp_path):
     data[100] ^= 0xFF
     (damaged / "image.onnx").write_bytes(bytes(data))
     photo = sorted((work.catalog / "images").glob("*.jpg"))[0]
-    done = _cli("fashion_lightning.recommend", f"index_dir={work.index}", f"query.image={photo}", "gallery=false",
+    done = _cli("fashion_lightning.apps.recommend", f"index_dir={work.index}", f"query.image={photo}", "gallery=false",
                 "runtime=onnx", f"onnx_dir={damaged}", tmp_path=tmp_path / "r")  # fmt: skip
     _one_line(done, "fashion-recommend:", "image.onnx: sha256 does not match")
     edited = _edit_manifest(_copy(work, tmp_path / "b"), lambda m: m.update(embed_dim=10**9))
-    done = _cli("fashion_lightning.serve.cli", f"index_dir={work.index}", "runtime=onnx", f"onnx_dir={edited}",
+    done = _cli("fashion_lightning.apps.serve", f"index_dir={work.index}", "runtime=onnx", f"onnx_dir={edited}",
                 tmp_path=tmp_path / "s")  # fmt: skip
     _one_line(done, "fashion-serve:", "embed_dim must be an integer")
-    done = _cli("fashion_lightning.index", f"ckpt_path={work.model}", "runtime=onnx", f"onnx_dir={edited}", *DATA,
+    done = _cli("fashion_lightning.apps.index", f"ckpt_path={work.model}", "runtime=onnx", f"onnx_dir={edited}", *DATA,
                 tmp_path=tmp_path / "i")  # fmt: skip
     output = done.stdout + done.stderr  # the Hydra apps log their one line
     assert done.returncode == 2 and "embed_dim must be an integer" in output and "Traceback" not in output
@@ -243,7 +243,7 @@ def test_apps_refuse_damaged_exports_with_one_line(work, tmp_path):
 
 def test_missing_onnxruntime_is_one_line_naming_the_extra(work, tmp_path):
     code = "import sys; sys.modules['onnxruntime'] = None; sys.argv[0] = 'fashion-recommend'; " \
-           "from fashion_lightning.recommend import main; main()"  # fmt: skip
+           "from fashion_lightning.apps.recommend import main; main()"  # fmt: skip
     done = _cli("", f"index_dir={work.index}", "query.text=red", "runtime=onnx", f"onnx_dir={work.onnx}",
                 tmp_path=tmp_path, code=code)  # fmt: skip
     _one_line(done, "fashion-recommend:", "pip install 'fashion-lightning[export]'")
@@ -257,7 +257,7 @@ def test_bundle_families_are_the_registrys():
 
 # -- runtime=onnx gives PyTorch's answers -------------------------------------------------------------------
 def _onnx_index(work, model: Path, onnx_dir: Path, name: str) -> Path:
-    from fashion_lightning.index import build
+    from fashion_lightning.apps.index import build
 
     return build(make_cfg("index", work.root / name, work.cache, [
         f"ckpt_path={model}", "runtime=onnx", f"onnx_dir={onnx_dir}", "onnx_threads=1", *DATA,
@@ -286,7 +286,7 @@ def _same_item_top10(torch_index: Path, onnx_index: Path) -> None:
 
 
 def test_index_and_recommend_with_onnx_match_pytorch(work, tmp_path):
-    from fashion_lightning.recommend import recommend
+    from fashion_lightning.apps.recommend import recommend
 
     onnx_index = _onnx_index(work, work.model, work.onnx, "index_onnx")
     assert "onnxruntime fp32" in json.loads((onnx_index / "manifest.json").read_text())["model"]["runtime"]
@@ -315,7 +315,7 @@ def test_index_and_recommend_with_onnx_match_pytorch(work, tmp_path):
 
 
 def test_clip_index_and_text_queries_with_onnx_match_pytorch(work, clip, tmp_path):
-    from fashion_lightning.recommend import recommend
+    from fashion_lightning.apps.recommend import recommend
 
     onnx_index = _onnx_index(work, clip.model, clip.onnx, "clip_index_onnx")
     _same_item_top10(clip.index, onnx_index)
@@ -344,7 +344,7 @@ def test_clip_index_and_text_queries_with_onnx_match_pytorch(work, clip, tmp_pat
 def test_serve_with_onnx_workers_matches_pytorch(work, tmp_path):
     from fastapi.testclient import TestClient
 
-    from fashion_lightning.serve.cli import build
+    from fashion_lightning.apps.serve import build
 
     photos = sorted((work.catalog / "images").glob("*.jpg"))[:3]
     answers = {}

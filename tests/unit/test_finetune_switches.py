@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from fashion_lightning.apps.train import train
 from fashion_lightning.models.finetune import ema_avg_fn, ema_callbacks
 from fashion_lightning.models.losses import MultiTaskLoss
 from fashion_lightning.models.mixup import MultiTaskMixup
 from fashion_lightning.models.multitask import MultiTaskNet
 from fashion_lightning.models.optim import build_scheduler, layer_scales, param_groups, split_optimizer_config
-from fashion_lightning.train import train
 from hydra_helpers import QUIET, TINY_MODEL, make_cfg
 
 TINY = [

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fashion_lightning.recommend import recommend
+from fashion_lightning.apps.recommend import recommend
 from fashion_lightning.retrieval import IndexIntegrityError, QueryError
 from hydra_helpers import make_cfg, train_and_index
 
@@ -106,7 +106,7 @@ def test_bad_queries_and_damaged_index_are_refused(index_dir, tmp_path):
         [
             sys.executable,
             "-m",
-            "fashion_lightning.recommend",
+            "fashion_lightning.apps.recommend",
             f"index_dir={damaged}",
             "query.item_id=1",
             f"hydra.run.dir={tmp_path / 'cli'}",

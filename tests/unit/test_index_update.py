@@ -21,7 +21,7 @@ import pytest
 
 pytest.importorskip("qdrant_client")
 
-from fashion_lightning.index import build  # noqa: E402
+from fashion_lightning.apps.index import build  # noqa: E402
 from fashion_lightning.retrieval import Recommender, load_index  # noqa: E402
 from hydra_helpers import make_cfg, train_and_index  # noqa: E402
 
@@ -116,7 +116,14 @@ def test_qdrant_update_in_place_equals_a_full_rebuild(world):
 def _cli(world, name: str, overrides: list[str]) -> tuple[int, str]:
     """Exit status and output (the apps log their one-line error through Hydra's logging, to stdout)."""
     env = {**os.environ, "FASHION_LIGHTNING_CACHE": str(world.cache)}
-    run = [sys.executable, "-m", "fashion_lightning.index", *overrides, *QUIET, f"hydra.run.dir={world.root / name}"]
+    run = [
+        sys.executable,
+        "-m",
+        "fashion_lightning.apps.index",
+        *overrides,
+        *QUIET,
+        f"hydra.run.dir={world.root / name}",
+    ]
     done = subprocess.run(run, capture_output=True, text=True, env=env, timeout=300)
     return done.returncode, done.stdout + done.stderr
 

@@ -277,7 +277,7 @@ def test_a_nonzero_rank_neither_claims_nor_writes_the_run_dir(tmp_path, cache_di
 def _multirun(tmp_path: Path, args: list[str], returncode: int = 0) -> Path:
     env = _clean_env(FASHION_LIGHTNING_CACHE=str(tmp_path / "cache"))
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "fashion_lightning.train", "-m", *args, *TINY, "tags=[launch]",
+    cmd = [sys.executable, "-m", "fashion_lightning.apps.train", "-m", *args, *TINY, "tags=[launch]",
            f"hydra.sweep.dir={sweep}"]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     assert result.returncode == returncode, result.stderr[-4000:]
@@ -348,7 +348,7 @@ def test_ddp_ranks_started_like_srun_tasks_share_one_run_dir(tmp_path):
         port = s.getsockname()[1]
     common = {**SLURM, "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PL_DISABLE_FORK": "1"}  # fmt: skip
-    args = [sys.executable, "-m", "fashion_lightning.train", "trainer=ddp", "trainer.accelerator=cpu",
+    args = [sys.executable, "-m", "fashion_lightning.apps.train", "trainer=ddp", "trainer.accelerator=cpu",
             "trainer.precision=32-true", "trainer.sync_batchnorm=false", "trainer.devices=2",
             f"paths.log_dir={tmp_path / 'out'}", *TINY]  # fmt: skip
     logs = [tmp_path / f"rank{r}.out" for r in (0, 1)]
@@ -383,10 +383,10 @@ def test_ddp_ranks_started_like_srun_tasks_share_one_run_dir(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_ranks_share_one_run_dir(tmp_path):
-    """``torchrun --standalone --nproc-per-node=2 -m fashion_lightning.train trainer=ddp``: Lightning's
+    """``torchrun --standalone --nproc-per-node=2 -m fashion_lightning.apps.train trainer=ddp``: Lightning's
     TorchElasticEnvironment, one run dir named by the rendezvous id, written by rank 0."""
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-            "-m", "fashion_lightning.train", "trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true",
+            "-m", "fashion_lightning.apps.train", "trainer=ddp", "trainer.accelerator=cpu", "trainer.precision=32-true",
             "trainer.sync_batchnorm=false", "trainer.devices=2", f"paths.log_dir={tmp_path / 'out'}",
             *TINY]  # fmt: skip
     env = _clean_env(FASHION_LIGHTNING_CACHE=str(tmp_path / "cache"), PL_DISABLE_FORK="1")

@@ -41,7 +41,7 @@ def imported_modules(tree: ast.AST) -> list[str]:
 def test_layer_of_modules():
     assert layer("fashion_lightning.utils.atomic") == 0
     assert layer("fashion_lightning.callbacks.epoch_seed") == LAYERS.index("callbacks")
-    assert layer("fashion_lightning.train") == layer("fashion_lightning.serve.app") == TOP
+    assert layer("fashion_lightning.apps.train") == layer("fashion_lightning.serve.app") == TOP
     assert layer("torch.nn") is None
 
 

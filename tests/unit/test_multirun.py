@@ -24,7 +24,15 @@ TINY = [
 
 def _run(tmp_path, args):
     env = {**os.environ, "FASHION_LIGHTNING_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "fashion_lightning.train", "-m", *args, *TINY, f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fashion_lightning.apps.train",
+        "-m",
+        *args,
+        *TINY,
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp_path / "sweep"

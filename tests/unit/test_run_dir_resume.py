@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from fashion_lightning.train import train
+from fashion_lightning.apps.train import train
 from fashion_lightning.utils.run_dir import RunDirError, claim_run_dir, run_dir_of
 from hydra_helpers import QUIET, TINY_MODEL, make_cfg
 

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from fashion_lightning.data import schema
 from fashion_lightning.data.catalog import DataReport, clean_styles, parse_styles
-from fashion_lightning.data.eda import missing_values
+from fashion_lightning.data.profile import missing_values
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 

@@ -80,7 +80,9 @@ def test_recommend_turns_bad_input_into_one_line_rc_2(index_dir, tmp_path, overr
     overrides = [
         o.split("=")[0] + "=" + str(paths[o.split("=")[1]]) if o.split("=")[1] in paths else o for o in overrides
     ]
-    done = _cli("fashion_lightning.recommend", f"index_dir={index_dir}", "gallery=false", *overrides, tmp_path=tmp_path)
+    done = _cli(
+        "fashion_lightning.apps.recommend", f"index_dir={index_dir}", "gallery=false", *overrides, tmp_path=tmp_path
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if "fashion-recommend:" in line]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in done.stderr
@@ -91,7 +93,7 @@ def test_id_and_history_queries_stay_light(index_dir, tmp_path):
     query's time), checked in a fresh interpreter."""
     code = f"""
 import sys
-from fashion_lightning.recommend import recommend
+from fashion_lightning.apps.recommend import recommend
 from hydra_helpers import make_cfg
 for i, query in enumerate(["query.item_id=1000", "query.history=[1000,1005]"]):
     cfg = make_cfg("recommend", {str(tmp_path)!r} + f"/run{{i}}", {str(tmp_path / "c")!r},
@@ -108,7 +110,7 @@ print("HEAVY", sorted(m for m in heavy if m in sys.modules))
 
 
 def test_serve_refuses_to_start_on_a_bad_checkpoint_or_index(index_dir, tmp_path):
-    done = _cli("fashion_lightning.serve.cli", f"index_dir={index_dir}", tmp_path=tmp_path)
+    done = _cli("fashion_lightning.apps.serve", f"index_dir={index_dir}", tmp_path=tmp_path)
     assert done.returncode == 2 and "fashion-serve:" in done.stderr and "cannot load the index's model" in done.stderr
-    done = _cli("fashion_lightning.serve.cli", f"index_dir={tmp_path / 'nowhere'}", tmp_path=tmp_path)
+    done = _cli("fashion_lightning.apps.serve", f"index_dir={tmp_path / 'nowhere'}", tmp_path=tmp_path)
     assert done.returncode == 2 and "fashion-serve:" in done.stderr

@@ -55,7 +55,7 @@ def _free_port() -> int:
 
 def _serve(index_dir: Path, port: int, tmp_path: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "FASHION_LIGHTNING_CACHE": str(tmp_path / "cache")}
-    command = [sys.executable, "-m", "fashion_lightning.serve.cli", f"index_dir={index_dir}", f"port={port}"]
+    command = [sys.executable, "-m", "fashion_lightning.apps.serve", f"index_dir={index_dir}", f"port={port}"]
     command += [f"hydra.run.dir={tmp_path / 'run'}", *extra]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 

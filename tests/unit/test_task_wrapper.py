@@ -89,7 +89,7 @@ def test_tags_default_in_a_single_run_and_are_refused_missing_in_a_multirun(tmp_
 
 
 def test_every_app_is_wrapped():
-    from fashion_lightning import download, eda, eval, index, recommend, train
+    from fashion_lightning.apps import download, eda, eval, index, recommend, train
 
     for fn in (train.train, eval.evaluate, index.build, eda.eda, recommend.recommend, download.download):
         assert getattr(fn, "__wrapped__", None) is not None, fn.__qualname__

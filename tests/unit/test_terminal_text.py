@@ -89,7 +89,7 @@ def test_gallery_draws_hostile_names(tmp_path):
 
 def test_recommend_app_prints_a_hostile_catalog(tmp_path, capsys):
     """The whole app path: an index whose items carry markup answers an item query and prints its table."""
-    from fashion_lightning.recommend import recommend
+    from fashion_lightning.apps.recommend import recommend
 
     n = 12
     vectors = np.random.default_rng(0).standard_normal((n, 8)).astype(np.float32)

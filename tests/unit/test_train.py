@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fashion_lightning.eval import evaluate
+from fashion_lightning.apps.eval import evaluate
+from fashion_lightning.apps.train import train
 from fashion_lightning.models.base import load_module
-from fashion_lightning.train import train
 from hydra_helpers import QUIET, TINY_MODEL, make_cfg
 
 TINY = [

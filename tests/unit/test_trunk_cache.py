@@ -214,9 +214,9 @@ def test_cached_training_equals_uncached_training_step_by_step(synthetic_dm_kwar
 # --- a real run: learns, and the saved model is the whole network ---------------------------------
 @pytest.mark.slow
 def test_cached_run_learns_and_its_artefact_is_the_whole_network(tmp_path: Path, cache_dir: Path) -> None:
-    from fashion_lightning.eval import evaluate
+    from fashion_lightning.apps.eval import evaluate
+    from fashion_lightning.apps.train import train
     from fashion_lightning.models.base import load_module
-    from fashion_lightning.train import train
 
     overrides = [
         *TINY_MODEL, "data.num_items=360", "trainer.max_epochs=6", "model.cache_trunk={cut:1,views:3}",

@@ -256,7 +256,7 @@ def test_recommend_app_exits_2_on_a_damaged_items_file(index_dir, tmp_path):
     replace_file(index_dir, "items.csv", (header + "\n1,x\n").encode())
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
-        [sys.executable, "-m", "fashion_lightning.recommend", f"index_dir={index_dir}", "query.item_id=1",
+        [sys.executable, "-m", "fashion_lightning.apps.recommend", f"index_dir={index_dir}", "query.item_id=1",
          "gallery=false", f"hydra.run.dir={tmp_path / 'run'}"],
         capture_output=True, text=True, env=env, timeout=120, check=False,
     )  # fmt: skip

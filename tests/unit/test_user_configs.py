@@ -55,7 +55,7 @@ def test_searchpath_adds_an_experiment_and_a_group_option(tmp_path, cache_dir):
 def test_searchpath_through_the_console_entry_point(tmp_path):
     folder = _my_configs(tmp_path)
     env = {**os.environ, "FASHION_LIGHTNING_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "fashion_lightning.train", f"hydra.searchpath=[file://{folder}]",
+    cmd = [sys.executable, "-m", "fashion_lightning.apps.train", f"hydra.searchpath=[file://{folder}]",
            "experiment=mine", "--cfg", "job"]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

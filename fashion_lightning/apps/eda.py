@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from fashion_lightning.data.eda import EdaResult, run_eda
+from fashion_lightning.data.profile import EdaResult, run_eda
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log
 from fashion_lightning.utils.config_check import one_line_errors
 from fashion_lightning.utils.task_wrapper import task_wrapper

@@ -1,5 +1,7 @@
 """Fetch the Kaggle dataset with kagglehub and check that it loads as a catalog.
 
+Plain functions; the ``fashion-download`` app (:mod:`fashion_lightning.apps.download`) calls them.
+
 ``kagglehub`` downloads into its own cache (``~/.cache/kagglehub``; ``KAGGLEHUB_CACHE`` moves
 it). With ``target_dir`` the files are then copied (or symlinked) into a data folder of your
 choice. Either way the result is validated with :class:`CatalogSource` (styles.csv next to

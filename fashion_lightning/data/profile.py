@@ -1,4 +1,6 @@
-"""Exploratory data report of a catalog: what cleaning did, missing values, distributions, cross-tabs, splits.
+"""The data profile of a catalog: what cleaning did, missing values, distributions, cross-tabs, splits.
+
+Plain functions; the ``fashion-eda`` app (:mod:`fashion_lightning.apps.eda`) runs them on a config.
 
 :func:`run_eda` takes a prepared :class:`~fashion_lightning.data.datamodule.FashionDataModule`
 and writes into ``output_dir``:

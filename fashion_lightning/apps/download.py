@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig
 from rich.console import Console
 
-from fashion_lightning.data.download import DownloadError, download_dataset, next_commands
+from fashion_lightning.data.fetch import DownloadError, download_dataset, next_commands
 from fashion_lightning.data.source import CatalogNotFoundError
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE
 from fashion_lightning.utils.config_check import one_line_errors
