@@ -34,7 +34,7 @@ def download(cfg: DictConfig, console: Console | None = None) -> Path:
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="download")
 def main(cfg: DictConfig) -> None:
-    with one_line_errors(DownloadError, CatalogNotFoundError, FileExistsError):  # user errors: exit 2, like every app
+    with one_line_errors(DownloadError, CatalogNotFoundError, FileExistsError, app="fashion-download"):
         download(cfg)
 
 

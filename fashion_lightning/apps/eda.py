@@ -46,7 +46,7 @@ def print_summary(result: EdaResult, console: Console | None = None) -> None:
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="eda")
 def main(cfg: DictConfig) -> None:
-    with one_line_errors(FileNotFoundError):
+    with one_line_errors(FileNotFoundError, app="fashion-eda"):
         result = eda(cfg)
     log.info("EDA report written to %s", result.report_path)
 

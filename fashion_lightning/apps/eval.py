@@ -62,7 +62,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    with one_line_errors(CheckpointError, FileNotFoundError):
+    with one_line_errors(CheckpointError, FileNotFoundError, app="fashion-eval"):
         evaluate(cfg)
 
 

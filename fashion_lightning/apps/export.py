@@ -106,7 +106,7 @@ def main(cfg: DictConfig) -> None:
     from fashion_lightning.deploy.bundle import OnnxBundleError
     from fashion_lightning.deploy.onnx_export import ExportCheckError
 
-    with one_line_errors(CheckpointError, FileNotFoundError, OnnxBundleError, ExportCheckError):
+    with one_line_errors(CheckpointError, FileNotFoundError, OnnxBundleError, ExportCheckError, app="fashion-export"):
         out_dir = export(cfg)
         log.info("export written to %s", out_dir)
 

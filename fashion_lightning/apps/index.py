@@ -309,7 +309,7 @@ def _place_model(module: FashionModule, source: Path, out_dir: Path) -> Path:
 def main(cfg: DictConfig) -> None:
     from fashion_lightning.retrieval.queries import ModelLoadError  # a bad export folder (runtime=onnx)
 
-    with one_line_errors(CheckpointError, FileNotFoundError, RetrievalError, ModelLoadError):
+    with one_line_errors(CheckpointError, FileNotFoundError, RetrievalError, ModelLoadError, app="fashion-index"):
         build(cfg)
 
 

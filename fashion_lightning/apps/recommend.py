@@ -8,7 +8,6 @@ a CLI query's time); the model is loaded only for photo and text queries.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -22,10 +21,9 @@ from fashion_lightning.retrieval import RecommendationResult, Recommender, Retri
 from fashion_lightning.retrieval.gallery import render_gallery, results_table
 from fashion_lightning.retrieval.queries import check_k
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log
-from fashion_lightning.utils.config_check import ConfigError
+from fashion_lightning.utils.config_check import ConfigError, one_line_errors
 from fashion_lightning.utils.runtime import engine_of
 from fashion_lightning.utils.task_wrapper import task_wrapper
-from fashion_lightning.utils.terminal import escape_markup
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -82,12 +80,8 @@ def recommend(cfg: DictConfig) -> RecommendationResult:
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="recommend")
 def main(cfg: DictConfig) -> None:
-    try:
+    with one_line_errors(RetrievalError, CatalogNotFoundError, FileNotFoundError, app="fashion-recommend"):
         recommend(cfg)
-    except (ConfigError, RetrievalError, CatalogNotFoundError, FileNotFoundError) as err:
-        message = escape_markup(err, 2000)  # may quote a file's text: shown, never interpreted
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]fashion-recommend:[/bold red] {message}")
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -3,20 +3,17 @@
 Start-up failures (a taken port, missing or damaged index, checkpoint or catalog, a bad limit) end with a
 one-line error and exit status 2, like the other apps. The port is bound before anything loads, so a second
 server on a taken port says so at once instead of after loading the model. SIGTERM (and Ctrl-C) stop
-accepting, let in-flight requests finish (``limits.drain_timeout_s``), then stop and reap the workers.
+accepting, let in-flight requests finish (``limits.drain_timeout_s``), then stop and reap the workers
+(:mod:`fashion_lightning.serve.server`). The service itself is the library :mod:`fashion_lightning.serve`.
 """
 
 from __future__ import annotations
 
-import errno
-import socket
-import sys
 import warnings
 from typing import cast
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
 
 from fashion_lightning.data.source import CatalogNotFoundError, CatalogSource
 from fashion_lightning.retrieval import Encoder, Recommender, RetrievalError
@@ -24,9 +21,11 @@ from fashion_lightning.retrieval.queries import verified_model_path
 from fashion_lightning.serve.app import create_app
 from fashion_lightning.serve.limits import ServeSettings, SettingsError
 from fashion_lightning.serve.reload import LiveRecommender, load_sharing, token_from_env
+from fashion_lightning.serve.server import PortError, bind, run
 from fashion_lightning.utils.app import CONFIG_PATH, VERSION_BASE, log
-from fashion_lightning.utils.config_check import ConfigError
-from fashion_lightning.utils.runtime import apply_runtime, engine_of
+from fashion_lightning.utils.config_check import one_line_errors
+from fashion_lightning.utils.runtime import engine_of
+from fashion_lightning.utils.task_wrapper import task_wrapper
 
 
 def build(cfg: DictConfig):
@@ -72,32 +71,8 @@ def build(cfg: DictConfig):
         if close is not None:
             close()
         raise
-    app.state.close_workers = close  # main() calls it again whatever way the server ends (it is idempotent)
+    app.state.close_workers = close  # serve.server.run calls it again however the server ends (idempotent)
     return app
-
-
-class PortError(OSError):
-    """The address to serve on cannot be bound (taken, not this machine's, no permission)."""
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket on ``host:port``, made before the model loads (the port is held from now on)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a TIME_WAIT port is free
-    try:
-        sock.bind((host, port))
-        sock.listen(2048)
-    except OSError as err:
-        sock.close()
-        why = (
-            "address already in use (another server is on it; pick another port=)"
-            if err.errno == errno.EADDRINUSE
-            else (err.strerror or str(err))
-        )
-        raise PortError(f"cannot listen on {host}:{port}: {why}") from None
-    sock.set_inheritable(False)
-    return sock
 
 
 def _onnx_loader(cfg: DictConfig, recommender: Recommender):
@@ -123,33 +98,26 @@ def _search_threads(n: int | None) -> None:
     configure_threads(int(n))
 
 
+@task_wrapper
+def serve(cfg: DictConfig) -> None:
+    """Bind the port, then load (:func:`build`), then serve until SIGTERM / Ctrl-C."""
+    settings = ServeSettings.from_cfg(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    sock = bind(str(cfg.host), int(cfg.port))  # before the model loads
+    try:
+        app = build(cfg)
+    except BaseException:
+        sock.close()
+        raise
+    log.info("serving %s on http://%s:%s/ (API docs at /docs)", cfg.index_dir, cfg.host, sock.getsockname()[1])
+    run(app, sock, str(cfg.host), settings, log_level=cfg.log_level)
+
+
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="serve")
 def main(cfg: DictConfig) -> None:
-    sock = None
-    try:
-        apply_runtime(cfg.runtime)  # process-wide settings, once (conf/runtime/)
-        settings = ServeSettings.from_cfg(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
-        sock = bind(str(cfg.host), int(cfg.port))  # before the model loads
-        app = build(cfg)
-    except (ConfigError, RetrievalError, CatalogNotFoundError, FileNotFoundError, SettingsError, PortError) as err:
-        if sock is not None:
-            sock.close()
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]fashion-serve:[/bold red] {err}")
-        sys.exit(2)
-    import uvicorn
-
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app, host=cfg.host, port=port, log_level=cfg.log_level, access_log=False,
-        timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
-    )  # fmt: skip
-    log.info("serving %s on http://%s:%s/ (API docs at /docs)", cfg.index_dir, cfg.host, port)
-    try:
-        uvicorn.Server(config).run(sockets=[sock])
-    finally:  # the lifespan's shutdown already stopped the workers unless the server failed to start
-        close = getattr(app.state, "close_workers", None)
-        if close is not None:
-            close()
+    with one_line_errors(
+        RetrievalError, CatalogNotFoundError, FileNotFoundError, SettingsError, PortError, app="fashion-serve"
+    ):
+        serve(cfg)
 
 
 if __name__ == "__main__":

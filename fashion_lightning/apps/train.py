@@ -89,7 +89,7 @@ def _best_checkpoint(trainer: L.Trainer) -> str:
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    with one_line_errors(CheckpointError, FileNotFoundError):
+    with one_line_errors(CheckpointError, FileNotFoundError, app="fashion-train"):
         metrics = train(cfg)
     metric = cfg.get("optimized_metric")
     if metric and metric not in metrics:

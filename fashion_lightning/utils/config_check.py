@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
-import logging
 import sys
 import types
 import typing
@@ -21,21 +20,28 @@ from typing import Any, Literal, Union, cast
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-log = logging.getLogger("fashion_lightning")
-
 
 class ConfigError(ValueError):
     """The composed config cannot run: a value is missing or has the wrong type."""
 
 
 @contextlib.contextmanager
-def one_line_errors(*errors: type[BaseException]) -> Iterator[None]:
-    """In an app's ``main``: user errors (config, checkpoint, run dir ...) -> one logged line and exit code 2."""
+def one_line_errors(*errors: type[BaseException], app: str = "fashion-lightning") -> Iterator[None]:
+    """In every app's ``main``: a user error (config, checkpoint, index, catalog, run dir ...) -> one line
+    ``<app>: <message>`` on stderr and exit status 2, never a traceback.
+
+    The message is cleaned to one line and its markup escaped (it may quote a file's text: shown, never
+    interpreted). The task wrapper has already logged the failure with its run dir into the run's log.
+    """
     caught: tuple[type[BaseException], ...] = (ConfigError, *errors)
     try:
         yield
     except caught as err:
-        log.error("%s", err)
+        from rich.console import Console
+
+        from fashion_lightning.utils.terminal import escape_markup
+
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]{app}:[/bold red] {escape_markup(err, 2000)}")
         sys.exit(2)
 
 

@@ -1,9 +1,10 @@
 """The package's import graph points one way: utils <- data <- evaluation <- callbacks <- models <- retrieval <- deploy
-<- apps.
+<- serve <- apps.
 
 A module may import its own layer or any layer below it, never one above (lazy imports inside functions
 count too): a reader can then learn the tree bottom-up, and a low layer never drags in a high one.
-Top-level modules (the apps) and any subpackage not named here sit at the top.
+The apps (``apps/``, one Hydra entry point each) and any subpackage not named here sit at the top; no module
+sits beside ``__init__.py`` at the package root (the apps live in one place).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from pathlib import Path
 import fashion_lightning
 
 PACKAGE = Path(fashion_lightning.__file__).resolve().parent
-LAYERS = ("utils", "data", "evaluation", "callbacks", "models", "retrieval", "deploy")  # bottom first
-TOP = len(LAYERS)  # apps: fashion_lightning/*.py, serve/, apps/
+LAYERS = ("utils", "data", "evaluation", "callbacks", "models", "retrieval", "deploy", "serve")  # bottom first
+TOP = len(LAYERS)  # apps/
 
 
 def layer(module: str) -> int | None:
@@ -41,7 +42,8 @@ def imported_modules(tree: ast.AST) -> list[str]:
 def test_layer_of_modules():
     assert layer("fashion_lightning.utils.atomic") == 0
     assert layer("fashion_lightning.callbacks.epoch_seed") == LAYERS.index("callbacks")
-    assert layer("fashion_lightning.apps.train") == layer("fashion_lightning.serve.app") == TOP
+    assert layer("fashion_lightning.apps.train") == layer("fashion_lightning.apps.serve") == TOP
+    assert layer("fashion_lightning.serve.app") == LAYERS.index("serve")
     assert layer("torch.nn") is None
 
 
@@ -56,6 +58,11 @@ def test_no_import_points_up_a_layer():
             if other is not None and other > own:
                 upward.append(f"{module} -> {target}")
     assert not upward, "imports that point up a layer (" + " <- ".join(LAYERS) + " <- apps):\n" + "\n".join(upward)
+
+
+def test_the_apps_live_in_one_place():
+    beside_init = sorted(p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py")
+    assert not beside_init, f"modules at the package root (apps go in apps/, library code in a layer): {beside_init}"
 
 
 def test_no_module_imports_another_modules_private_name():

@@ -89,7 +89,43 @@ def test_tags_default_in_a_single_run_and_are_refused_missing_in_a_multirun(tmp_
 
 
 def test_every_app_is_wrapped():
-    from fashion_lightning.apps import download, eda, eval, index, recommend, train
+    from fashion_lightning.apps import download, eda, eval, export, index, recommend, serve, train
 
-    for fn in (train.train, eval.evaluate, index.build, eda.eda, recommend.recommend, download.download):
+    for fn in (train.train, eval.evaluate, index.build, eda.eda, recommend.recommend, download.download,
+               export.export, serve.serve):  # fmt: skip
         assert getattr(fn, "__wrapped__", None) is not None, fn.__qualname__
+
+
+def test_each_app_module_is_a_console_script_with_a_wrapped_task():
+    """apps/ holds the entry points and nothing else: each module is a ``fashion-<name>`` script whose ``main``
+    runs a task under task_wrapper (``main`` itself is Hydra's wrapper, so it does not count)."""
+    import importlib
+    import pkgutil
+
+    import fashion_lightning.apps as apps
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+ (CI's)
+    root = Path(__file__).resolve().parents[2]
+    scripts = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
+    names = sorted(m.name for m in pkgutil.iter_modules(apps.__path__))
+    assert sorted(scripts.values()) == sorted(f"fashion_lightning.apps.{name}:main" for name in names)
+    for name in names:
+        module = importlib.import_module(f"fashion_lightning.apps.{name}")
+        tasks = [
+            fn for key, fn in vars(module).items()
+            if key != "main" and callable(fn) and getattr(fn, "__module__", None) == module.__name__
+            and getattr(fn, "__wrapped__", None) is not None
+        ]  # fmt: skip
+        assert tasks and callable(module.main), name
+
+
+def test_user_errors_are_one_line_on_stderr_and_exit_2(capsys):
+    from fashion_lightning.utils.config_check import one_line_errors
+
+    with pytest.raises(SystemExit) as exited, one_line_errors(FileNotFoundError, app="fashion-demo"):
+        raise FileNotFoundError("no [bold]such[/bold] file\nsecond line")
+    captured = capsys.readouterr()
+    assert exited.value.code == 2 and captured.out == ""
+    assert captured.err.splitlines() == ["fashion-demo: no [bold]such[/bold] file second line"]
+    with pytest.raises(KeyError), one_line_errors(FileNotFoundError, app="fashion-demo"):  # a bug stays a traceback
+        raise KeyError("x")
