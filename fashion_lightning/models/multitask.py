@@ -15,9 +15,10 @@ from fashion_lightning.models.preprocess import DeviceInput
 class MultiTaskNet(nn.Module):
     """uint8 native images in; per-task logits and an L2-normalised embedding out.
 
-    ``image_size`` is the (height, width) images are resized to on the device (the CLIP net's
-    name too). ``embed_dim=None`` uses the backbone's pooled features as the embedding; an int
-    adds a linear projection (a smaller, retrieval-friendly vector the heads also read).
+    ``image_size`` is the (height, width) images are resized to on the device: the CLIP net's
+    name too, and open_clip's (timm's ``input_size`` is (C, H, W), another shape).
+    ``embed_dim=None`` uses the backbone's pooled features as the embedding; an int adds a
+    linear projection (a smaller, retrieval-friendly vector the heads also read).
     """
 
     def __init__(
