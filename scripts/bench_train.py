@@ -8,7 +8,7 @@ non-blocking copies; ``--compile`` compiles the backbone in both loops.
 
     python scripts/bench_train.py                      # CPU, synthetic catalog, resnet10t at 80x64
     python scripts/bench_train.py --accelerator gpu --root ../shared/data/fashion-product-images-small-dev-webp.zip \\
-        --backbone resnet50 --input-size 224 224 --batch-size 256 --workers 12 --steps 60
+        --backbone resnet50 --image-size 224 224 --batch-size 256 --workers 12 --steps 60
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from fashion_lightning.models.multitask_module import MultiTaskModule
 def make_module(dm: FashionDataModule, args) -> MultiTaskModule:
     torch.manual_seed(0)
     net = {"_target_": "fashion_lightning.models.multitask.MultiTaskNet", "backbone": args.backbone,
-           "input_size": args.input_size, "pretrained": False, "channels_last": args.gpu}  # fmt: skip
+           "image_size": args.image_size, "pretrained": False, "channels_last": args.gpu}  # fmt: skip
     return MultiTaskModule(net, dm.vocabs, dm.class_weights, label_smoothing=0.1, compile=args.compile)
 
 
@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--root", default=None, help="Kaggle folder/zip (default: synthetic catalog)")
     parser.add_argument("--backbone", default="resnet10t")
-    parser.add_argument("--input-size", type=int, nargs=2, default=[80, 64])
+    parser.add_argument("--image-size", type=int, nargs=2, default=[80, 64])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=3)
@@ -154,7 +154,7 @@ def main() -> None:
     best = {k: max(v) for k, v in results.items()}
     base = best["bare PyTorch loop"]
     overhead = (base / best["fashion-train loop"] - 1) * 100
-    title = (f"training throughput ({args.accelerator}): {args.backbone} @ {args.input_size[0]}x{args.input_size[1]}, "
+    title = (f"training throughput ({args.accelerator}): {args.backbone} @ {args.image_size[0]}x{args.image_size[1]}, "
              f"batch {args.batch_size}, {args.workers} workers, {args.steps} timed steps (best of {args.repeats})"
              f"{', compiled' if args.compile else ''}")  # fmt: skip
     table = Table(title=title)
@@ -168,7 +168,7 @@ def main() -> None:
     console.print(f"fashion-train loop overhead: {overhead:+.1f}% time per image (goal <= 5% on a GPU)")
     if args.json:
         row = {"accelerator": args.accelerator, "device": torch.cuda.get_device_name() if args.gpu else "cpu",
-               "backbone": args.backbone, "input_size": args.input_size, "batch_size": args.batch_size,
+               "backbone": args.backbone, "image_size": args.image_size, "batch_size": args.batch_size,
                "workers": args.workers, "steps": args.steps, "compile": args.compile, "loader_img_s": loader,
                "bare_img_s": base, "fashion_train_img_s": best["fashion-train loop"],
                "overhead_pct": overhead}  # fmt: skip

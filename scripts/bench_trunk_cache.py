@@ -48,7 +48,7 @@ class StepTimer(L.Callback):
 def make_module(dm: FashionDataModule, args, cut: int | None) -> MultiTaskModule:
     torch.manual_seed(0)
     net = {"_target_": "fashion_lightning.models.multitask.MultiTaskNet", "backbone": args.backbone,
-           "pretrained": args.pretrained, "input_size": args.input_size}  # fmt: skip
+           "pretrained": args.pretrained, "image_size": args.image_size}  # fmt: skip
     cache = {"cut": cut, "views": args.views} if cut is not None else None
     return MultiTaskModule(net, dm.vocabs, dm.class_weights, label_smoothing=0.1, cache_trunk=cache)
 
@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--max-items", type=int, default=300)
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--pretrained", default="offline")
-    parser.add_argument("--input-size", type=int, nargs=2, default=[224, 168])
+    parser.add_argument("--image-size", type=int, nargs=2, default=[224, 168])
     parser.add_argument("--cuts", type=int, nargs="+", default=[5])
     parser.add_argument("--views", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -88,7 +88,7 @@ def main() -> None:
     n_train = len(dm.datasets["train"])
     uncached = time_steps(make_module(dm, args, None), dm, args)
     machine = f"{os.cpu_count()} CPU(s), load {os.getloadavg()[0]:.1f} at start"
-    results = {"machine": machine, "train_items": n_train, "input_size": args.input_size, "views": args.views,
+    results = {"machine": machine, "train_items": n_train, "image_size": args.image_size, "views": args.views,
                "uncached_s_per_image": uncached, "cuts": {}}  # fmt: skip
     for cut in args.cuts:
         module = make_module(dm, args, cut)
@@ -109,7 +109,7 @@ def main() -> None:
         }
         print(json.dumps({"uncached_s_per_image": uncached, "cut": cut, **results["cuts"][cut]}), flush=True)
     table = Table(title=f"cached trunk vs end-to-end ({results['machine']}, {n_train} train items, "
-                        f"{args.input_size[0]}x{args.input_size[1]}, {args.views} views)")  # fmt: skip
+                        f"{args.image_size[0]}x{args.image_size[1]}, {args.views} views)")  # fmt: skip
     for column in ("cut", "activation", "KB/item-view", "step speedup", "build (uncached epochs)", "break-even epochs"):
         table.add_column(column, justify="right")
     for cut, row in results["cuts"].items():

@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--catalog", type=Path, help="a Kaggle-layout catalog folder or zip instead")
     parser.add_argument("--model", type=Path, help="a model artefact (<run>/model); default: train one briefly")
     parser.add_argument("--backbone", default="resnet18")
-    parser.add_argument("--input-size", default="[112,96]")
+    parser.add_argument("--image-size", default="[112,96]")
     parser.add_argument("--changed", type=float, default=0.01)
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
@@ -115,7 +115,7 @@ def main() -> None:
     model = args.model
     if model is None:
         train(cfg("train", work / "train", cache, [
-            f"model.net.backbone={args.backbone}", f"model.net.input_size={args.input_size}", *data,
+            f"model.net.backbone={args.backbone}", f"model.net.image_size={args.image_size}", *data,
             "data.train_transform=null", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
             "+trainer.limit_val_batches=1", "test=false", "logger=csv", "callbacks.rich_progress_bar=null",
             "callbacks.model_summary=null", "callbacks.early_stopping=null", *QUIET,

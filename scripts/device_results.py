@@ -74,7 +74,7 @@ def main() -> None:
               "| model | loader alone img/s | bare PyTorch loop img/s | fashion-train loop img/s | overhead |",
               "|---|---|---|---|---|"]  # fmt: skip
     for b in bench:
-        lines.append(f"| {b['backbone']} @{b['input_size'][0]}×{b['input_size'][1]}, batch {b['batch_size']} | "
+        lines.append(f"| {b['backbone']} @{b['image_size'][0]}×{b['image_size'][1]}, batch {b['batch_size']} | "
                      f"{b['loader_img_s']:,.0f} | {b['bare_img_s']:,.0f} | {b['fashion_train_img_s']:,.0f} | "
                      f"{b['overhead_pct']:+.1f}% |")  # fmt: skip
     Path(args.out, "results.md").write_text("\n".join(lines) + "\n")

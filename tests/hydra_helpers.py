@@ -22,9 +22,9 @@ QUIET = [
 # a tiny multi-task model that learns the synthetic catalog in seconds on a CPU
 TINY_MODEL = [
     "model.net.backbone=test_resnet",
-    "model.net.input_size=[40,32]",
+    "model.net.image_size=[40,32]",
     "model.optimizer.lr=0.01",
-    "model.optimizer.backbone_lr_ratio=1.0",
+    "model.param_groups.backbone_lr_ratio=1.0",
     "data.batch_size=32",
 ]
 
@@ -49,7 +49,7 @@ def train_and_index(root: Path, num_items: int, epochs: int) -> Path:
     from fashion_lightning.apps.train import train
 
     train(make_cfg("train", root / "train", root / "cache", [
-        "model.net.backbone=test_resnet", "model.net.input_size=[40,32]", "model.optimizer.lr=0.01",
+        "model.net.backbone=test_resnet", "model.net.image_size=[40,32]", "model.optimizer.lr=0.01",
         f"data.num_items={num_items}", "data.train_transform=null", f"trainer.max_epochs={epochs}", "test=false",
         *QUIET,
     ]))  # fmt: skip

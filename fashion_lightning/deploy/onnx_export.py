@@ -205,7 +205,7 @@ def _preprocess(module: Any) -> Preprocess:
     device_input = module.preprocess if hasattr(module, "zero_shot_logits") else module.net.preprocess
     mean = (device_input.mean.flatten() / 255.0).tolist()
     std = (device_input.std.flatten() / 255.0).tolist()
-    return Preprocess(NATIVE_HW, tuple(device_input.input_size), tuple(mean), tuple(std))
+    return Preprocess(NATIVE_HW, tuple(device_input.image_size), tuple(mean), tuple(std))
 
 
 def _versions() -> dict[str, str]:

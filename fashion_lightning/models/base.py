@@ -1,4 +1,10 @@
-"""What both model families share: vocab in the checkpoint, the encoder protocol, loading.
+"""What both model families share: the LightningModule plumbing, the encoder protocol, loading.
+
+:class:`FashionModule` holds what a family would otherwise write again: hyperparameters kept as plain
+values with the vocabulary and the net config, the net built through the registry, the optimiser and
+scheduler (``models/optim.py``, defaults from the family's ``conf/model`` file), ``torch.compile`` in
+``configure_model``, the EMA callback and the validation / test step plumbing. A family adds its loss,
+its steps and the encoder protocol.
 
 A checkpoint written by any :class:`FashionModule` carries what inference needs
 (vocabulary, net config, input size, normalisation) plus the module's class path, so
@@ -9,20 +15,27 @@ code: the class path is a key of ``models/registry.py`` and the hyperparameters 
 
 from __future__ import annotations
 
+import inspect
 import pickle
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import lightning as L
 import torch
 from lightning.fabric.utilities.data import AttributeDict
+from torch import nn
 
 from fashion_lightning.data.vocab import LabelVocabs
 from fashion_lightning.models import registry
+from fashion_lightning.models.finetune import ema_callbacks
+from fashion_lightning.models.optim import OptimSetup, configure
 from fashion_lightning.models.registry import UnknownTargetError
 from fashion_lightning.utils.bounded import LimitError, Limits, check
+
+if TYPE_CHECKING:
+    from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 
 CLASS_KEY = "fashion_module_class"
 FAMILY_KEY = "fashion_family"  # set by read_checkpoint after validation (never trusted from the file)
@@ -40,10 +53,94 @@ def as_vocabs(vocabs: LabelVocabs | Mapping[str, Iterable[str]]) -> LabelVocabs:
 
 
 class FashionModule(L.LightningModule):
-    """Base LightningModule: subclasses set ``self.vocabs`` and implement the encoder protocol."""
+    """Base LightningModule of both families (see module doc); a subclass's ``__init__`` calls
+    :meth:`init_shared` with its ``net`` and ``vocabs``, then builds its loss and extras."""
 
     vocabs: LabelVocabs
     hparams: AttributeDict  # what save_hyperparameters() stores (Lightning types the property as a MutableMapping)
+    net: nn.Module
+    optim: OptimSetup
+    conf_name: ClassVar[str]  # conf/model/<conf_name>.yaml: where the optimiser, scheduler and group defaults live
+    offline_net: ClassVar[dict[str, Any]] = {}  # net keys that make loading offline (no pretrained weights)
+    optimise_frozen: ClassVar[bool] = False  # keep frozen parameters in the optimiser (unfrozen later)
+
+    # --- set-up --------------------------------------------------------------------------
+    def init_shared(self, net: Mapping[str, Any] | nn.Module, vocabs: LabelVocabs | Mapping[str, Any]) -> None:
+        """Save the caller's ``__init__`` arguments as plain hyperparameters (``net`` as its config,
+        ``vocabs`` as lists: what a checkpoint needs to rebuild the module), build the net, resolve the
+        optimiser set-up. Call it from the subclass's ``__init__`` (its arguments are read from that frame)."""
+        self.vocabs = as_vocabs(vocabs)
+        net_cfg = plain(net)
+        caller = inspect.currentframe()
+        self.save_hyperparameters(ignore=["net", "class_weights", "vocabs"], frame=caller.f_back if caller else None)
+        for key, value in list(self.hparams.items()):  # plain containers: weights_only checkpoint loading
+            self.hparams[key] = plain(value)
+        self.hparams["net"] = None if isinstance(net, nn.Module) else net_cfg
+        self.hparams["vocabs"] = self.vocabs.to_dict()
+        self.net = net if isinstance(net, nn.Module) else registry.build_net(net_cfg, **self.net_build_kwargs())
+        self.optim = OptimSetup.resolve(
+            self.hparams.get("optimizer"), self.hparams.get("scheduler"), self.hparams.get("param_groups"),
+            self.conf_name,
+        )  # fmt: skip
+
+    def net_build_kwargs(self) -> dict[str, Any]:
+        """Arguments the net gets besides its config (the multi-task heads' sizes)."""
+        return {}
+
+    @classmethod
+    def inference_overrides(cls, hparams: Mapping[str, Any]) -> dict[str, Any]:
+        """Hyperparameter overrides that make loading offline and cheap: no pretrained weights (the state dict
+        fills the net), no compile (eval / index compile only when asked)."""
+        net = hparams.get("net")
+        overrides: dict[str, Any] = {"compile": False}
+        if net:
+            overrides["net"] = {**net, **cls.offline_net}
+        return overrides
+
+    def compiled_parts(self) -> list[nn.Module]:
+        """The submodules ``compile: true`` compiles (in place, so state-dict keys are unchanged)."""
+        return []
+
+    def configure_model(self) -> None:
+        """Compile :meth:`compiled_parts` once a Trainer runs (building for eval / index never compiles)."""
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            options = self.hparams.compile if isinstance(self.hparams.compile, Mapping) else {}
+            for part in self.compiled_parts():
+                part.compile(**options)
+            self._compiled = True
+
+    def configure_callbacks(self) -> list:
+        return ema_callbacks(self.hparams.ema)
+
+    # --- optimisation --------------------------------------------------------------------
+    def optimised_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The named parameters the optimiser gets (all by default; frozen ones drop out unless
+        ``optimise_frozen``)."""
+        return list(self.named_parameters())
+
+    def lr_rule(self) -> Callable[[str], float]:
+        """Parameter name -> LR multiplier, from the group rules (``self.optim.rules``); 1 for all by default."""
+        return lambda name: 1.0
+
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
+        """Groups by :meth:`lr_rule` (no weight decay where ``ndim <= 1``), the configured optimiser and
+        scheduler, stepped per batch (see ``models/optim.py``)."""
+        return configure(
+            self.optimised_parameters(), self.optim.optimizer, self.optim.scheduler,
+            self.trainer.estimated_stepping_batches, self.device, self.lr_rule(),
+            trainable_only=not self.optimise_frozen,
+        )  # fmt: skip
+
+    # --- evaluation ----------------------------------------------------------------------
+    def eval_step(self, batch: Mapping[str, Any], stage: str) -> dict[str, Any]:
+        """One validation / test batch -> the evaluation protocol's outputs (labels, id, logits, embedding)."""
+        raise NotImplementedError
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
+        return self.eval_step(batch, "val")
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
+        return self.eval_step(batch, "test")
 
     # --- encoder protocol (see README "Architecture") -------------------------------------
     embedding_name: str = "embedding"
@@ -88,11 +185,6 @@ class FashionModule(L.LightningModule):
     # --- checkpoints ---------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
-
-    @classmethod
-    def inference_overrides(cls, hparams: Mapping[str, Any]) -> dict[str, Any]:
-        """Hyperparameter overrides that make loading offline and cheap (no pretrained downloads)."""
-        return {}
 
 
 class CheckpointError(ValueError):

@@ -21,8 +21,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import warnings
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +30,8 @@ from torch import nn
 
 from fashion_lightning.data.duplicates import normalise_title
 from fashion_lightning.data.vocab import LabelVocabs
-from fashion_lightning.models import registry
-from fashion_lightning.models.base import FashionModule, as_vocabs, plain
+from fashion_lightning.models.base import FashionModule
 from fashion_lightning.models.clip import MAX_LOGIT_SCALE, ClipFusionNet, fuse
-from fashion_lightning.models.finetune import ema_callbacks
 from fashion_lightning.models.fusion import FUSIONS, FusionGate
 from fashion_lightning.models.losses import (
     IGNORE_INDEX,
@@ -44,26 +42,20 @@ from fashion_lightning.models.losses import (
     positive_mask,
     supervised_contrastive,
 )
-from fashion_lightning.models.optim import configure, split_optimizer_config
 from fashion_lightning.models.preprocess import DeviceInput
-
-if TYPE_CHECKING:
-    from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 
 MODES = ("frozen", "finetune")
 LOSSES = ("infonce", "siglip")
-DEFAULT_OPTIMIZER = {
-    "_target_": "torch.optim.AdamW",
-    "lr": 1e-5,  # pretrained towers: gentle, as in CLIP fine-tuning
-    "new_lr": 1e-3,  # parameters without pretrained weights (projections the config adds, heads)
-    "weight_decay": 0.1,
-}
-DEFAULT_SCHEDULER = {"warmup_ratio": 0.05, "min_lr_ratio": 0.0}
 TEXT_BATCH = 256
+NEW_PREFIXES = ("heads.", "gate.", "sigmoid_loss.")  # the recipe's parameters without pretrained weights
 
 
 class ClipFusionModule(FashionModule):
     """See module doc. ``net`` is a config (``_target_`` + kwargs, kept in the checkpoint) or a module."""
+
+    net: ClipFusionNet
+    conf_name = "clip_lite0_minilm"
+    offline_net = {"pretrained": None}  # the checkpoint's state dict fills the net
 
     def __init__(
         self,
@@ -83,6 +75,7 @@ class ClipFusionModule(FashionModule):
         fusion_weight: float = 0.0,
         optimizer: Mapping[str, Any] | None = None,
         scheduler: Mapping[str, Any] | None = None,
+        param_groups: Mapping[str, Any] | None = None,
         zero_shot_prompt: str | Sequence[str] | Mapping[str, str | Sequence[str]] = "a photo of a {label}",
         kagl: bool = True,
         kagl_max_queries: int | None = 2000,
@@ -96,19 +89,9 @@ class ClipFusionModule(FashionModule):
         if not 0.0 <= float(alpha) <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         check_recipe(loss, fusion, fusion_weight, zero_shot_prompt)
-        self.vocabs = as_vocabs(vocabs)
-        net_cfg = plain(net)
-        self.save_hyperparameters(ignore=["net", "class_weights", "vocabs"])
-        # what a checkpoint needs to rebuild the net without the training config
-        self.hparams["net"] = None if isinstance(net, nn.Module) else net_cfg
-        self.hparams["vocabs"] = self.vocabs.to_dict()
-        for key, value in list(self.hparams.items()):  # plain containers: weights_only checkpoint loading
-            self.hparams[key] = plain(value)
-        self.net: ClipFusionNet = (
-            net if isinstance(net, nn.Module) else cast(ClipFusionNet, registry.build_net(net_cfg))
-        )
+        self.init_shared(net, vocabs)
         self.preprocess = DeviceInput(
-            input_size=self.net.image_size,
+            image_size=self.net.image_size,
             mean=self.net.image_mean,
             std=self.net.image_std,
             channels_last=channels_last,
@@ -123,8 +106,6 @@ class ClipFusionModule(FashionModule):
         self.task_loss = (
             MultiTaskLoss(self.vocabs.tasks, self.hparams.task_weights, weights, label_smoothing) if heads else None
         )
-        self.optimizer_cfg, self.group_rules, legacy = split_optimizer_config(self.hparams.optimizer, DEFAULT_OPTIMIZER)
-        self.scheduler_cfg = {**DEFAULT_SCHEDULER, **legacy, **dict(self.hparams.scheduler or {})}
         self.clip_loss: nn.Module | None = None
         # the recipe's trainable extras (new parameters: trained at new_lr, saved in the state dict)
         self.sigmoid_loss = SigmoidContrastive(siglip_init_bias) if loss == "siglip" else None
@@ -134,26 +115,9 @@ class ClipFusionModule(FashionModule):
         self._new_param_names = self._parameters_without_pretraining()
 
     # --- configuration -----------------------------------------------------------------------
-    @classmethod
-    def inference_overrides(cls, hparams: Mapping[str, Any]) -> dict[str, Any]:
-        """Rebuild the net without pretrained weights: the checkpoint's state dict fills it."""
-        net = hparams.get("net")
-        overrides: dict[str, Any] = {"compile": False}  # eval / index compile only when asked
-        if net:
-            overrides["net"] = {**net, "pretrained": None}
-        return overrides
-
-    def configure_model(self) -> None:
-        """Compile both towers in place (state-dict keys unchanged) once a Trainer runs."""
-        if self.hparams.compile and not getattr(self, "_compiled", False):
-            options = self.hparams.compile if isinstance(self.hparams.compile, Mapping) else {}
-            for tower in (self.net.visual, getattr(self.net.model, "text", None)):
-                if tower is not None:
-                    tower.compile(**options)
-            self._compiled = True
-
-    def configure_callbacks(self) -> list:
-        return ema_callbacks(self.hparams.ema)
+    def compiled_parts(self) -> list[nn.Module]:
+        """Both towers."""
+        return [t for t in (self.net.visual, getattr(self.net.model, "text", None)) if t is not None]
 
     @property
     def requires_training(self) -> bool:
@@ -386,7 +350,7 @@ class ClipFusionModule(FashionModule):
     def on_test_epoch_start(self) -> None:
         self._class_text = None
 
-    def _eval_step(self, batch: Mapping[str, Any], stage: str) -> dict[str, Any]:
+    def eval_step(self, batch: Mapping[str, Any], stage: str) -> dict[str, Any]:
         image = self._image_embedding(batch["image"]).float()
         text = self._text_embedding(batch["text"]).float()
         bs = len(batch["id"])
@@ -412,12 +376,6 @@ class ClipFusionModule(FashionModule):
         """True while a Trainer loop runs (steps may also be called directly, e.g. by scripts)."""
         trainer = getattr(self, "_trainer", None)
         return trainer is not None and getattr(trainer, "_results", None) is not None
-
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
-        return self._eval_step(batch, "val")
-
-    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
-        return self._eval_step(batch, "test")
 
     def extra_metrics(self, stage: str, outputs: Mapping[str, Any]) -> dict[str, float]:
         """Zero-shot accuracy per task (``zeroshot/acc/{task}``) and the KAGL benchmark (``kagl/...``)."""
@@ -449,21 +407,21 @@ class ClipFusionModule(FashionModule):
         return metrics
 
     # --- optimisation --------------------------------------------------------------------------
-    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
-        """Pretrained tower weights at ``lr``; new parameters (heads, added projections, temperature) at ``new_lr``."""
+    def optimised_parameters(self) -> list[tuple[str, nn.Parameter]]:
         if not any(p.requires_grad for p in self.parameters()):
             raise RuntimeError("no trainable parameters: mode='frozen' without heads needs no optimiser")
-        new_scale = float(self.group_rules.get("new_lr", self.optimizer_cfg["lr"])) / float(self.optimizer_cfg["lr"])
+        return super().optimised_parameters()
+
+    def lr_rule(self) -> Callable[[str], float]:
+        """Pretrained tower weights at ``lr``; new parameters (heads, added projections, temperature) at ``new_lr``."""
+        lr = float(self.optim.optimizer["lr"])
+        new_scale = float(self.optim.rules.get("new_lr", lr)) / lr
 
         def lr_scale(name: str) -> float:
-            new = name.startswith(("heads.", "gate.", "sigmoid_loss.")) or name in self._new_param_names
-            new = new or "logit_scale" in name
+            new = name.startswith(NEW_PREFIXES) or name in self._new_param_names or "logit_scale" in name
             return new_scale if new else 1.0
 
-        return configure(
-            self.named_parameters(), self.optimizer_cfg, self.scheduler_cfg, {},
-            self.trainer.estimated_stepping_batches, self.device, lr_scale,
-        )  # fmt: skip
+        return lr_scale
 
 
 def check_recipe(loss: str, fusion: str, fusion_weight: float, prompts: Any) -> None:

@@ -15,6 +15,8 @@ from fashion_lightning.models.preprocess import DeviceInput
 class MultiTaskNet(nn.Module):
     """uint8 native images in; per-task logits and an L2-normalised embedding out.
 
+    ``image_size`` is the (height, width) images are resized to on the device: the CLIP net's
+    name too, and open_clip's (timm's ``input_size`` is (C, H, W), another shape).
     ``embed_dim=None`` uses the backbone's pooled features as the embedding; an int adds a
     linear projection (a smaller, retrieval-friendly vector the heads also read).
     """
@@ -25,7 +27,7 @@ class MultiTaskNet(nn.Module):
         backbone: str = "resnet50",
         pretrained: bool | str = False,
         checkpoint_path: str | None = None,
-        input_size: Sequence[int] = (224, 224),
+        image_size: Sequence[int] = (224, 224),
         embed_dim: int | None = None,
         dropout: float = 0.2,
         channels_last: bool = False,
@@ -36,7 +38,7 @@ class MultiTaskNet(nn.Module):
             raise ValueError("num_classes must name at least one task")
         self.backbone = create_backbone(backbone, pretrained, checkpoint_path, **backbone_kwargs)
         mean, std = normalisation(self.backbone, pretrained)
-        self.preprocess = DeviceInput(input_size, mean, std, channels_last=channels_last)
+        self.preprocess = DeviceInput(image_size, mean, std, channels_last=channels_last)
         features: int = self.backbone.num_features  # type: ignore[assignment]  # timm models set num_features
         self.neck = nn.Linear(features, embed_dim) if embed_dim else nn.Identity()
         self.embed_dim = embed_dim or features

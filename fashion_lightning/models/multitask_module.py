@@ -1,13 +1,14 @@
 """MultiTaskModule: the thin LightningModule around :class:`MultiTaskNet`.
 
-It wires the class-weighted multi-task loss, the optimiser/scheduler Hydra objects (see
-``models/optim.py``), an optional frozen backbone (whole run or first N epochs) and the
-evaluation protocol. While the backbone is frozen its pooled features are cached per item
-id, so head-only epochs skip the backbone entirely (see ``cache_frozen_features``).
+It wires the class-weighted multi-task loss, the backbone's parameter-group rules
+(``model.param_groups``: backbone LR ratio, layer decay), an optional frozen backbone (whole
+run or first N epochs) and the evaluation protocol; the rest is :class:`FashionModule`'s.
+While the backbone is frozen its pooled features are cached per item id, so head-only
+epochs skip the backbone entirely (see ``cache_frozen_features``).
 
 Fine-tuning switches (each off by default, each one config key): ``ema`` (weight EMA
 through Lightning's ``WeightAveraging``), ``mixup`` (Mixup/CutMix with soft targets per
-task), ``model.optimizer.layer_decay`` (layer-wise LR decay over the backbone),
+task), ``model.param_groups.layer_decay`` (layer-wise LR decay over the backbone),
 ``flip_tta`` (evaluate on the image and its mirror), ``compile`` (``torch.compile`` of the
 backbone in ``configure_model``, so loading a checkpoint for eval/index never compiles).
 
@@ -20,31 +21,30 @@ eval/index/serve drops the setting and runs images through every layer.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from fashion_lightning.data.vocab import LabelVocabs
-from fashion_lightning.models import registry
-from fashion_lightning.models.base import FashionModule, as_vocabs, plain
-from fashion_lightning.models.finetune import ema_callbacks, make_mixup
+from fashion_lightning.models.base import FashionModule
+from fashion_lightning.models.finetune import make_mixup
 from fashion_lightning.models.losses import MultiTaskLoss, fill_class_weights
 from fashion_lightning.models.multitask import MultiTaskNet
-from fashion_lightning.models.optim import configure, layer_scales, split_optimizer_config
+from fashion_lightning.models.optim import layer_scales
 from fashion_lightning.models.trunk import TrunkEncoder, TrunkSplit
 
-if TYPE_CHECKING:
-    from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
-
 log = logging.getLogger(__name__)
-DEFAULT_OPTIMIZER = {"_target_": "torch.optim.AdamW", "lr": 1e-3, "backbone_lr_ratio": 0.1, "weight_decay": 0.01}
-DEFAULT_SCHEDULER = {"warmup_ratio": 0.05, "min_lr_ratio": 0.01}
+BACKBONE = "net.backbone."  # parameter-name prefix of the backbone (the group rules' target)
 
 
 class MultiTaskModule(FashionModule):
     embedding_name = "multitask"
+    net: MultiTaskNet
+    conf_name = "multitask"
+    offline_net = {"pretrained": False, "checkpoint_path": None}
+    optimise_frozen = True  # the backbone joins the optimiser even while frozen for the first epochs
 
     def __init__(
         self,
@@ -55,6 +55,7 @@ class MultiTaskModule(FashionModule):
         label_smoothing: float = 0.0,
         optimizer: Mapping[str, Any] | None = None,
         scheduler: Mapping[str, Any] | None = None,
+        param_groups: Mapping[str, Any] | None = None,
         freeze_backbone: bool = False,
         freeze_backbone_epochs: int = 0,
         cache_frozen_features: bool = True,
@@ -72,23 +73,9 @@ class MultiTaskModule(FashionModule):
                 "cache_trunk cannot be combined with freeze_backbone / freeze_backbone_epochs (freeze with the cut "
                 "instead) or flip_tta (cached activations have no mirror image)"
             )
-        self.vocabs = as_vocabs(vocabs)
-        net_cfg = plain(net)
-        self.save_hyperparameters(ignore=["net", "class_weights", "vocabs"])
-        for key, value in list(self.hparams.items()):  # plain containers: weights_only checkpoint loading
-            self.hparams[key] = plain(value)
-        # what a checkpoint needs to rebuild the net without the training config
-        self.hparams["net"] = None if isinstance(net, nn.Module) else net_cfg
-        self.hparams["vocabs"] = self.vocabs.to_dict()
-        self.net: MultiTaskNet = (
-            net
-            if isinstance(net, nn.Module)
-            else cast(MultiTaskNet, registry.build_net(net_cfg, num_classes=self.vocabs.num_classes))
-        )
+        self.init_shared(net, vocabs)
         weights = fill_class_weights(self.vocabs.num_classes, class_weights)
         self.loss = MultiTaskLoss(self.vocabs.tasks, self.hparams.task_weights, weights, label_smoothing)
-        self.optimizer_cfg, self.group_rules, legacy = split_optimizer_config(self.hparams.optimizer, DEFAULT_OPTIMIZER)
-        self.scheduler_cfg = {**DEFAULT_SCHEDULER, **legacy, **dict(self.hparams.scheduler or {})}
         self.mixup = make_mixup(self.hparams.mixup)
         self._feature_cache: dict[int, torch.Tensor] = {}
         self.trunk: TrunkSplit | None = None
@@ -100,24 +87,16 @@ class MultiTaskModule(FashionModule):
             self.trunk = TrunkSplit(self.net.backbone, int(options["cut"]))
             self.trunk.freeze_lower()
 
+    def net_build_kwargs(self) -> dict[str, Any]:
+        return {"num_classes": self.vocabs.num_classes}
+
     @classmethod
     def inference_overrides(cls, hparams: Mapping[str, Any]) -> dict[str, Any]:
-        net = hparams.get("net")
-        # eval / index compile only when asked, and run the whole network on images (the cut is a training detail)
-        overrides: dict[str, Any] = {"compile": False, "cache_trunk": None}
-        if net:
-            overrides["net"] = {**net, "pretrained": False, "checkpoint_path": None}
-        return overrides
+        # ... and run the whole network on images (the cut is a training detail)
+        return {**super().inference_overrides(hparams), "cache_trunk": None}
 
-    def configure_model(self) -> None:
-        """Compile the backbone in place (state-dict keys unchanged) once a Trainer runs."""
-        if self.hparams.compile and not getattr(self, "_compiled", False):
-            options = self.hparams.compile if isinstance(self.hparams.compile, Mapping) else {}
-            self.net.backbone.compile(**options)
-            self._compiled = True
-
-    def configure_callbacks(self) -> list:
-        return ema_callbacks(self.hparams.ema)
+    def compiled_parts(self) -> list[nn.Module]:
+        return [self.net.backbone]
 
     # -- cached partial trunk -------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -206,19 +185,13 @@ class MultiTaskModule(FashionModule):
         self._log_losses(losses, "train", len(batch["id"]))
         return losses["loss"]
 
-    def _eval_step(self, batch: Mapping[str, Any], stage: str) -> dict[str, Any]:
+    def eval_step(self, batch: Mapping[str, Any], stage: str) -> dict[str, Any]:
         if self.hparams.flip_tta:
             logits, embedding = self.net(batch["image"], flip_tta=True)
         else:
             logits, embedding = self.net.head_forward(self._features(batch))
         self._log_losses(self.loss(logits, batch["labels"]), stage, len(batch["id"]))
         return {"labels": batch["labels"], "id": batch["id"], "logits": logits, "embedding": embedding}
-
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
-        return self._eval_step(batch, "val")
-
-    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
-        return self._eval_step(batch, "test")
 
     # -- encoder protocol -----------------------------------------------------------------
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -234,28 +207,25 @@ class MultiTaskModule(FashionModule):
         return embedding, logits
 
     # -- optimisation ---------------------------------------------------------------------
-    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
-        """Heads at ``lr``; backbone at ``lr * backbone_lr_ratio`` (times ``layer_decay ** depth``)."""
-        ratio = float(self.group_rules.get("backbone_lr_ratio", 1.0))
-        decay = self.group_rules.get("layer_decay")
-        depth_scale = layer_scales(self.net.backbone, float(decay)) if decay else {}
-        prefix = "net.backbone."
-        frozen_for_good = self.hparams.freeze_backbone
+    def optimised_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """All but a backbone frozen for the whole run and the trunk below a cache cut (frozen for good)."""
         below_cut = {id(p) for p in self.trunk.lower_parameters()} if self.trunk is not None else set()
-
-        def lr_scale(name: str) -> float:
-            if not name.startswith(prefix):
-                return 1.0
-            return ratio * depth_scale.get(name[len(prefix) :].replace("_orig_mod.", ""), 1.0)
-
-        # the backbone joins the optimiser even while frozen for the first epochs (requires_grad
-        # is toggled per epoch); a backbone frozen for the whole run stays out
-        params = [
+        frozen_for_good = self.hparams.freeze_backbone
+        return [
             (n, p)
             for n, p in self.named_parameters()
-            if not (frozen_for_good and n.startswith(prefix)) and id(p) not in below_cut
+            if not (frozen_for_good and n.startswith(BACKBONE)) and id(p) not in below_cut
         ]
-        return configure(
-            params, self.optimizer_cfg, self.scheduler_cfg, {}, self.trainer.estimated_stepping_batches,
-            self.device, lr_scale, trainable_only=False,
-        )  # fmt: skip
+
+    def lr_rule(self) -> Callable[[str], float]:
+        """Heads at ``lr``; backbone at ``lr * backbone_lr_ratio`` (times ``layer_decay ** depth``)."""
+        ratio = float(self.optim.rules.get("backbone_lr_ratio", 1.0))
+        decay = self.optim.rules.get("layer_decay")
+        depth_scale = layer_scales(self.net.backbone, float(decay)) if decay else {}
+
+        def lr_scale(name: str) -> float:
+            if not name.startswith(BACKBONE):
+                return 1.0
+            return ratio * depth_scale.get(name[len(BACKBONE) :].replace("_orig_mod.", ""), 1.0)
+
+        return lr_scale

@@ -5,19 +5,25 @@ The optimiser and the scheduler are Hydra objects with ``_partial_: true``, so a
 
     fashion-train model.optimizer._target_=torch.optim.SGD +model.optimizer.momentum=0.9
 
-Besides the optimiser's own kwargs, ``model.optimizer`` may hold the *group rules* this
-module consumes (they never reach the optimiser class): ``backbone_lr_ratio`` and
-``layer_decay`` (multi-task family), ``new_lr`` (CLIP family). One builder,
-:func:`param_groups`, makes the groups for both: an LR scale per parameter and no weight
-decay where ``param.ndim <= 1`` (norm gains, biases, the CLIP temperature).
+The *group rules* live beside them in ``model.param_groups``, because the optimiser class never
+sees them: ``backbone_lr_ratio`` and ``layer_decay`` (multi-task family), ``new_lr`` (CLIP
+family). One builder, :func:`param_groups`, makes the groups for both: an LR scale per
+parameter and no weight decay where ``param.ndim <= 1`` (norm gains, biases, the CLIP temperature).
+
+Defaults live in one place, the family's shipped ``conf/model/*.yaml``: a module built in Python
+reads its missing nodes from there (:func:`shipped_defaults`), so it trains exactly as a Hydra run
+of that config with the same keys overridden would.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -28,11 +34,8 @@ from fashion_lightning.models import registry
 if TYPE_CHECKING:
     from lightning.pytorch.utilities.types import LRSchedulerConfigType, OptimizerLRSchedulerConfig
 
-DEFAULT_OPTIMIZER_TARGET = "torch.optim.AdamW"
-DEFAULT_SCHEDULER_TARGET = "fashion_lightning.models.optim.warmup_cosine"
-GROUP_RULE_KEYS = ("backbone_lr_ratio", "layer_decay", "new_lr")
-# keys older checkpoints kept in ``optimizer`` that now belong to the scheduler
-_LEGACY_SCHEDULER_KEYS = ("warmup_ratio", "min_lr_ratio")
+GROUP_RULE_KEYS = ("backbone_lr_ratio", "layer_decay", "new_lr")  # the keys of model.param_groups
+OPTIM_NODES = ("optimizer", "scheduler", "param_groups")  # what shipped_defaults reads from a conf/model file
 
 
 def warmup_cosine_lambda(total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0):
@@ -95,20 +98,54 @@ def layer_scales(backbone: nn.Module, decay: float) -> dict[str, float]:
     return {name: decay ** (top - layer_of.get(name, top)) for name, _ in backbone.named_parameters()}
 
 
-def split_optimizer_config(cfg: Mapping[str, Any] | None, defaults: Mapping[str, Any]) -> tuple[dict, dict, dict]:
-    """``model.optimizer`` -> (optimiser config, group rules, legacy scheduler keys).
+@functools.cache
+def _shipped_nodes(conf_name: str) -> dict[str, dict[str, Any]]:
+    from omegaconf import OmegaConf
 
-    Accepts the Hydra form (``_target_`` + ``_partial_``) and the plain dict older
-    checkpoints stored (no ``_target_``: AdamW, with warmup/min-LR keys for the scheduler).
-    """
-    merged = {**defaults, **dict(cfg or {})}
-    rules = {k: merged.pop(k) for k in GROUP_RULE_KEYS if k in merged}
-    legacy = {k: merged.pop(k) for k in _LEGACY_SCHEDULER_KEYS if k in merged}
-    merged.setdefault("_target_", DEFAULT_OPTIMIZER_TARGET)
-    merged["_partial_"] = True
-    if "lr" not in merged:
-        raise ValueError("model.optimizer needs an lr")
-    return merged, rules, legacy
+    text = (files("fashion_lightning.conf") / "model" / f"{conf_name}.yaml").read_text(encoding="utf-8")
+    conf = OmegaConf.to_container(OmegaConf.create(text), resolve=True)
+    assert isinstance(conf, dict)
+    return {node: dict(conf.get(node) or {}) for node in OPTIM_NODES}
+
+
+def shipped_defaults(conf_name: str) -> dict[str, dict[str, Any]]:
+    """The ``optimizer`` / ``scheduler`` / ``param_groups`` nodes of ``conf/model/<conf_name>.yaml`` (a copy)."""
+    return copy.deepcopy(_shipped_nodes(conf_name))
+
+
+@dataclass(frozen=True)
+class OptimSetup:
+    """What ``configure_optimizers`` needs: the optimiser and scheduler partials and the group rules."""
+
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rules: dict[str, Any]  # model.param_groups without its null (switched-off) rules
+
+    @classmethod
+    def resolve(
+        cls,
+        optimizer: Mapping[str, Any] | None,
+        scheduler: Mapping[str, Any] | None,
+        param_groups: Mapping[str, Any] | None,
+        conf_name: str,
+    ) -> OptimSetup:
+        """Each node over its shipped default (key by key, as a Hydra override would), checked."""
+        defaults = shipped_defaults(conf_name)
+        opt = {**defaults["optimizer"], **dict(optimizer or {}), "_partial_": True}
+        misplaced = sorted(set(opt) & set(GROUP_RULE_KEYS))
+        if misplaced:
+            raise ValueError(
+                f"optimizer.{misplaced[0]} is a parameter-group rule, not an optimiser argument: "
+                f"set it in param_groups (model.param_groups.{misplaced[0]})"
+            )
+        if "lr" not in opt:
+            raise ValueError("model.optimizer needs an lr")
+        rules = {**defaults["param_groups"], **dict(param_groups or {})}
+        unknown = sorted(set(rules) - set(GROUP_RULE_KEYS))
+        if unknown:
+            raise ValueError(f"unknown param_groups rule {unknown[0]!r}; known: {', '.join(GROUP_RULE_KEYS)}")
+        sched = {**defaults["scheduler"], **dict(scheduler or {})}
+        return cls(opt, sched, {k: v for k, v in rules.items() if v is not None})
 
 
 def build_optimizer(
@@ -133,10 +170,12 @@ def _kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def build_scheduler(
-    cfg: Mapping[str, Any] | None, optimizer: torch.optim.Optimizer, total_steps: int | float, legacy: Mapping
+    cfg: Mapping[str, Any] | None, optimizer: torch.optim.Optimizer, total_steps: int | float
 ) -> LRSchedulerConfigType:
-    """The Lightning ``lr_scheduler`` entry: a partial taking ``(optimizer, total_steps=...)``, stepped per batch."""
-    cfg = {"_target_": DEFAULT_SCHEDULER_TARGET, **dict(legacy), **dict(cfg or {}), "_partial_": True}
+    """The Lightning ``lr_scheduler`` entry: a partial taking ``(optimizer, total_steps=...)``, stepped per batch.
+
+    A config without ``_target_`` (or none) means :func:`warmup_cosine` with its own defaults."""
+    cfg = {"_target_": registry.WARMUP_COSINE, **dict(cfg or {}), "_partial_": True}
     make = functools.partial(registry.scheduler_factory(cfg["_target_"]), **_kwargs(cfg))
     params = inspect.signature(make.func).parameters
     if "total_steps" not in params:
@@ -154,7 +193,6 @@ def configure(
     named_parameters: Iterable[tuple[str, nn.Parameter]],
     optimizer_cfg: Mapping[str, Any],
     scheduler_cfg: Mapping[str, Any] | None,
-    legacy_scheduler: Mapping[str, Any],
     total_steps: int | float,
     device: torch.device,
     lr_scale: Callable[[str], float] = lambda name: 1.0,
@@ -167,5 +205,5 @@ def configure(
     optimizer = build_optimizer(optimizer_cfg, groups, device)
     return {
         "optimizer": optimizer,
-        "lr_scheduler": build_scheduler(scheduler_cfg, optimizer, total_steps, legacy_scheduler),
+        "lr_scheduler": build_scheduler(scheduler_cfg, optimizer, total_steps),
     }

@@ -7,7 +7,8 @@ Names that reach timm / open_clip are plain identifiers (no paths, no ``local-di
 kwargs may only be numbers or booleans, so no path or name sneaks in through them.
 
 A test keeps each module spec's fields equal to its constructor's parameters: a new hyperparameter must
-be declared here to be saved and loaded.
+be declared here to be saved and loaded. Files written before a key was renamed still load: the old names
+are mapped in one place, :data:`RENAMED` (applied before validation).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fashion_lightning.models import registry
+from fashion_lightning.models.optim import GROUP_RULE_KEYS
 
 MultiTaskNetName = Literal["fashion_lightning.models.multitask.MultiTaskNet"]
 ClipNetName = Literal["fashion_lightning.models.clip.ClipFusionNet"]
@@ -67,7 +69,7 @@ class MultiTaskNetSpec(_Spec):
     backbone: ModelName = "resnet50"
     pretrained: bool | Literal["offline"] = False
     checkpoint_path: Annotated[str, Field(max_length=4096)] | None = None
-    input_size: tuple[Side, Side] = (224, 224)
+    image_size: tuple[Side, Side] = (224, 224)
     embed_dim: Annotated[int, Field(ge=1, le=65536)] | None = None
     dropout: Unit = 0.2
     channels_last: bool = False
@@ -93,16 +95,13 @@ class ClipFusionNetSpec(_Spec):
 
 
 class OptimizerSpec(_Spec):
-    """A ``torch.optim`` class (or a registered one) with numeric kwargs, plus the param-group rules."""
+    """A ``torch.optim`` class (or a registered one) with numeric kwargs."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True, allow_inf_nan=False)
     target: str = Field("torch.optim.AdamW", alias="_target_")
     partial: bool = Field(True, alias="_partial_")
     lr: Annotated[float, Field(gt=0.0, le=100.0)]
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
-    backbone_lr_ratio: Annotated[float, Field(ge=0.0)] | None = None
-    layer_decay: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    new_lr: Annotated[float, Field(gt=0.0)] | None = None
 
     @field_validator("target")
     @classmethod
@@ -113,7 +112,18 @@ class OptimizerSpec(_Spec):
     @model_validator(mode="after")
     def _kwargs(self) -> OptimizerSpec:
         _scalar_extras(self, "optimizer", allow_lists=True)  # betas: [0.9, 0.999]
+        for key in GROUP_RULE_KEYS:
+            if key in (self.model_extra or {}):
+                raise ValueError(f"optimizer.{key} is a parameter-group rule: it belongs in param_groups")
         return self
+
+
+class ParamGroupsSpec(_Spec):
+    """``model.param_groups``: the rules that scale a parameter's LR (models/optim.py); null = off."""
+
+    backbone_lr_ratio: Annotated[float, Field(ge=0.0)] | None = None
+    layer_decay: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    new_lr: Annotated[float, Field(gt=0.0)] | None = None
 
 
 class SchedulerSpec(_Spec):
@@ -159,14 +169,50 @@ Prompts = Annotated[list[Text], Field(min_length=1, max_length=32)]  # a zero-sh
 CompileOptions = bool | dict[Identifier, Scalar | Annotated[str, Field(pattern=r"^[A-Za-z0-9_\-]{0,64}$")] | None]
 
 
+# (node, old key) -> (node, new key): names files written before a rename still use
+RENAMED: dict[tuple[str, str], tuple[str, str]] = {
+    ("net", "input_size"): ("net", "image_size"),  # one name for the input geometry in both families
+    **{("optimizer", key): ("param_groups", key) for key in GROUP_RULE_KEYS},  # group rules left model.optimizer
+}
+
+
+def renamed_keys(hparams: Any) -> Any:
+    """A copy of saved hyperparameters with the old key names of :data:`RENAMED` moved to the new ones.
+
+    A node that is not a mapping is left for validation to refuse; a key given under both names is refused
+    (the file would say two things)."""
+    if not isinstance(hparams, dict):
+        return hparams
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in hparams.items()}
+    for (node, old), (new_node, new) in RENAMED.items():
+        source = out.get(node)
+        if not isinstance(source, dict) or old not in source:
+            continue
+        if out.get(new_node) is None:
+            out[new_node] = {}
+        target = out[new_node]
+        if not isinstance(target, dict):
+            continue
+        if new in target:
+            raise ValueError(f"{node}.{old} (an old name) and {new_node}.{new} are both given")
+        target[new] = source.pop(old)
+    return out
+
+
 class _ModuleSpec(_Spec):
     vocabs: Vocabs
     task_weights: TaskWeights | None = None
     label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     optimizer: OptimizerSpec | None = None
     scheduler: SchedulerSpec | None = None
+    param_groups: ParamGroupsSpec | None = None
     ema: Annotated[float, Field(gt=0.0, lt=1.0)] | EmaSpec | None = None
     compile: CompileOptions = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        return renamed_keys(data)
 
 
 class MultiTaskModuleSpec(_ModuleSpec):

@@ -114,7 +114,7 @@ class TrunkEncoder:
     def __init__(self, net: MultiTaskNet, split: TrunkSplit) -> None:
         self.net, self.split = net, split
         pre = net.preprocess
-        extra = [tuple(pre.input_size), pre.mean.flatten().tolist(), pre.std.flatten().tolist(), pre.channels_last]
+        extra = [tuple(pre.image_size), pre.mean.flatten().tolist(), pre.std.flatten().tolist(), pre.channels_last]
         self.fingerprint = split.fingerprint(extra)
 
     @torch.no_grad()

@@ -110,7 +110,7 @@ def test_short_finetune_beats_frozen_text_to_image_r10() -> None:
     }
     module = ClipFusionModule(
         net, vocabs, mode="finetune", alpha=0.7, kagl_max_queries=None,
-        optimizer={"lr": 1e-5, "new_lr": 3e-3, "weight_decay": 0.05, "warmup_ratio": 0.1},
+        optimizer={"lr": 1e-5, "weight_decay": 0.05}, param_groups={"new_lr": 3e-3}, scheduler={"warmup_ratio": 0.1},
     )  # fmt: skip
     decoded = time.perf_counter()
     frozen = evaluate(module, test)

@@ -19,7 +19,7 @@ def test_offline_lite0_linear_probe_beats_majority_baseline(shared_zip, real_ima
         f"data.root={shared_zip}",
         "data.max_items=2400",
         "data.train_transform=null",
-        "model.net.input_size=[96,72]",
+        "model.net.image_size=[96,72]",
         "model.freeze_backbone=true",
         "model.optimizer.lr=0.003",
         "trainer.max_epochs=4",

@@ -14,7 +14,7 @@ from fashion_lightning.models.multitask_module import MultiTaskModule
 
 MULTITASK = "fashion_lightning.models.multitask_module.MultiTaskModule"
 NET = {"_target_": "fashion_lightning.models.multitask.MultiTaskNet", "backbone": "test_resnet", "pretrained": False,
-       "input_size": [40, 32]}  # fmt: skip
+       "image_size": [40, 32]}  # fmt: skip
 VOCABS = {"articleType": ["Shirts", "Tshirts"], "gender": ["Men", "Women"]}
 
 

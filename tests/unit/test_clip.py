@@ -280,7 +280,7 @@ def test_locked_text_tower_is_encoded_once_per_string() -> None:
 @pytest.mark.filterwarnings("ignore:Found .* module")
 def test_frozen_with_heads_trains_heads_only() -> None:
     torch.manual_seed(0)
-    module = ClipFusionModule(TINY, VOCABS, mode="frozen", heads=True, optimizer={"new_lr": 5e-2})
+    module = ClipFusionModule(TINY, VOCABS, mode="frozen", heads=True, param_groups={"new_lr": 5e-2})
     before = {k: v.clone() for k, v in module.net.state_dict().items()}
     heads_before = {k: v.clone() for k, v in module.heads.state_dict().items()}
     trainer(max_steps=4).fit(module, loader(squares(48, seed=1)))
@@ -292,7 +292,7 @@ def test_finetune_raises_text_to_image_recall() -> None:
     L.seed_everything(0, verbose=False)
     module = ClipFusionModule(
         TINY, VOCABS, mode="finetune", heads=True,
-        optimizer={"lr": 1e-3, "new_lr": 1e-3, "weight_decay": 0.0, "warmup_ratio": 0.05},
+        optimizer={"lr": 1e-3, "weight_decay": 0.0}, param_groups={"new_lr": 1e-3}, scheduler={"warmup_ratio": 0.05},
     )  # fmt: skip
     evaluation = squares(24, seed=99)  # one of each (colour, quadrant): 24 unique names
     before = t2i_r1(module, evaluation)

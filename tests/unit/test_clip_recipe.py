@@ -282,7 +282,7 @@ def test_tiny_recipe_run_learns() -> None:
     L.seed_everything(0, verbose=False)
     module = ClipFusionModule(
         TINY, VOCABS, mode="finetune", multi_positive=True, fusion="gated", fusion_weight=0.3,
-        optimizer={"lr": 1e-3, "new_lr": 1e-2, "weight_decay": 0.0},
+        optimizer={"lr": 1e-3, "weight_decay": 0.0}, param_groups={"new_lr": 1e-2},
     )  # fmt: skip
     evaluation = squares(24, seed=99)
 

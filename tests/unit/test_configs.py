@@ -49,7 +49,7 @@ def _recipe_overrides(group: str, name: str, synthetic_root: Path) -> list[str]:
     if "clip" in experiment:
         out += ["model.net.image_size=[64,64]", "model.kagl_max_queries=50"]
     elif "resnet50" in experiment:
-        out.append("model.net.input_size=[64,64]")
+        out.append("model.net.image_size=[64,64]")
     if "override /trainer: gpu" in text:
         out.append("trainer.precision=32-true")  # bf16 autocast on a CPU only slows the check down
     return out

@@ -12,7 +12,7 @@ from fashion_lightning.models.finetune import ema_avg_fn, ema_callbacks
 from fashion_lightning.models.losses import MultiTaskLoss
 from fashion_lightning.models.mixup import MultiTaskMixup
 from fashion_lightning.models.multitask import MultiTaskNet
-from fashion_lightning.models.optim import build_scheduler, layer_scales, param_groups, split_optimizer_config
+from fashion_lightning.models.optim import OptimSetup, build_scheduler, layer_scales, param_groups
 from hydra_helpers import QUIET, TINY_MODEL, make_cfg
 
 TINY = [
@@ -39,16 +39,20 @@ def test_param_groups_never_decay_1d_parameters() -> None:
     assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
 
 
-def test_optimizer_config_split_and_legacy_form() -> None:
-    opt, rules, legacy = split_optimizer_config(
-        {"lr": 0.1, "backbone_lr_ratio": 0.5, "warmup_ratio": 0.2}, {"weight_decay": 0.01}
-    )
-    assert opt == {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 0.1, "weight_decay": 0.01}
-    assert rules == {"backbone_lr_ratio": 0.5} and legacy == {"warmup_ratio": 0.2}
+def test_optimizer_config_over_the_shipped_defaults_and_group_rules_apart() -> None:
+    # a module built in Python gets conf/model/multitask.yaml's nodes, key by key, as a Hydra override would
+    setup = OptimSetup.resolve({"lr": 0.1}, {"warmup_ratio": 0.2}, {"backbone_lr_ratio": 0.5}, "multitask")
+    assert setup.optimizer == {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 0.1, "weight_decay": 0.01}
+    assert setup.rules == {"backbone_lr_ratio": 0.5}  # layer_decay: null = off
+    assert setup.scheduler["warmup_ratio"] == 0.2 and setup.scheduler["min_lr_ratio"] == 0.01
+    with pytest.raises(ValueError, match=r"param_groups \(model.param_groups.backbone_lr_ratio\)"):
+        OptimSetup.resolve({"lr": 0.1, "backbone_lr_ratio": 0.5}, None, None, "multitask")
+    with pytest.raises(ValueError, match="unknown param_groups rule 'lr_ratio'"):
+        OptimSetup.resolve(None, None, {"lr_ratio": 0.5}, "multitask")
 
 
 def test_layer_decay_scales_fall_towards_the_stem() -> None:
-    net = MultiTaskNet({"a": 3}, backbone="test_resnet", input_size=(40, 32))
+    net = MultiTaskNet({"a": 3}, backbone="test_resnet", image_size=(40, 32))
     scales = layer_scales(net.backbone, 0.5)
     assert set(scales) == {n for n, _ in net.backbone.named_parameters()}
     first, last = next(iter(scales)), list(scales)[-1]
@@ -88,7 +92,7 @@ def test_ema_update_warms_up_then_follows_decay() -> None:
 
 def test_flip_tta_is_mirror_invariant() -> None:
     torch.manual_seed(0)
-    net = MultiTaskNet({"a": 3}, backbone="test_resnet", input_size=(40, 32)).eval()
+    net = MultiTaskNet({"a": 3}, backbone="test_resnet", image_size=(40, 32)).eval()
     images = torch.randint(0, 256, (2, 3, 80, 60), dtype=torch.uint8)
     with torch.no_grad():
         logits, emb = net(images, flip_tta=True)
@@ -101,7 +105,7 @@ def test_flip_tta_is_mirror_invariant() -> None:
 SWITCHES = [
     "model.ema={decay:0.99,warmup:10}",
     "model.mixup={mixup_alpha:0.2,cutmix_alpha:1.0,prob:0.5,switch_prob:0.5}",
-    "model.optimizer.layer_decay=0.7",
+    "model.param_groups.layer_decay=0.7",
     "model.flip_tta=true",
 ]
 SGD = ["model.optimizer._target_=torch.optim.SGD", "+model.optimizer.momentum=0.9", "model.optimizer.lr=0.05"]
@@ -138,7 +142,7 @@ def test_compile_happens_in_configure_model_and_checkpoints_stay_plain(tmp_path:
     net = {
         "_target_": "fashion_lightning.models.multitask.MultiTaskNet",
         "backbone": "test_resnet",
-        "input_size": [40, 32],
+        "image_size": [40, 32],
     }
     module = MultiTaskModule(net, {"gender": ["Men", "Women"]}, compile={"backend": "eager"})
     assert module.net.backbone._compiled_call_impl is None  # building (eval, index) never compiles
@@ -162,9 +166,7 @@ def test_an_unbounded_run_asks_for_its_length_instead_of_overflowing():
     # schedule used to die in round(inf) with an OverflowError
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
     with pytest.raises(ValueError, match="set trainer.max_epochs or trainer.max_steps"):
-        build_scheduler(None, optimizer, float("inf"), {})
-    assert build_scheduler(None, optimizer, 10, {})["interval"] == "step"
+        build_scheduler(None, optimizer, float("inf"))
+    assert build_scheduler(None, optimizer, 10)["interval"] == "step"
     step_lr = {"_target_": "torch.optim.lr_scheduler.StepLR", "step_size": 5}  # takes no total_steps: inf is fine
-    assert isinstance(
-        build_scheduler(step_lr, optimizer, float("inf"), {})["scheduler"], torch.optim.lr_scheduler.StepLR
-    )
+    assert isinstance(build_scheduler(step_lr, optimizer, float("inf"))["scheduler"], torch.optim.lr_scheduler.StepLR)

@@ -36,7 +36,7 @@ NEEDS_RAY = pytest.mark.skipif(not HAS_RAY, reason='hydra-ray-launcher is not in
 
 TINY = [
     "model.net.backbone=test_resnet",
-    "model.net.input_size=[40,32]",
+    "model.net.image_size=[40,32]",
     "data.num_items=200",
     "data.num_workers=0",
     "data.batch_size=16",

@@ -28,10 +28,11 @@ from fashion_lightning.models.multitask_module import MultiTaskModule
 from fashion_lightning.models.spec import SPECS
 
 NET = {"_target_": "fashion_lightning.models.multitask.MultiTaskNet", "backbone": "test_resnet",
-       "pretrained": False, "input_size": [40, 32]}  # fmt: skip
+       "pretrained": False, "image_size": [40, 32]}  # fmt: skip
 VOCABS = {"articleType": ["Shirts", "Tshirts", "Jeans"], "gender": ["Men", "Women"]}
 OPTIMIZER = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3, "weight_decay": 0.01,
-             "backbone_lr_ratio": 0.5, "betas": [0.9, 0.99]}  # fmt: skip
+             "betas": [0.9, 0.99]}  # fmt: skip
+PARAM_GROUPS = {"backbone_lr_ratio": 0.5}
 SCHEDULER = {"_target_": "fashion_lightning.models.optim.warmup_cosine", "_partial_": True, "warmup_ratio": 0.1}
 
 # attribute walks from a registered-looking prefix to the outside world: each reached real code before
@@ -54,7 +55,7 @@ ATTRIBUTE_WALKS = [
 @pytest.fixture(scope="module")
 def module() -> MultiTaskModule:
     torch.manual_seed(0)
-    return MultiTaskModule(NET, VOCABS, optimizer=OPTIMIZER, scheduler=SCHEDULER).eval()
+    return MultiTaskModule(NET, VOCABS, optimizer=OPTIMIZER, scheduler=SCHEDULER, param_groups=PARAM_GROUPS).eval()
 
 
 def _checkpoint(module: MultiTaskModule) -> dict:
@@ -186,6 +187,47 @@ def test_artifact_round_trip_gives_the_same_outputs(module, tmp_path):
         save_artifact(module, folder)  # never replaces what is there unless asked
 
 
+# what a multi-task model.json / .ckpt said before image_size and model.param_groups (the names spec.RENAMED maps)
+OLD_STYLE_HPARAMS = {
+    "net": {"_target_": "fashion_lightning.models.multitask.MultiTaskNet", "backbone": "test_resnet",
+            "pretrained": False, "input_size": [40, 32]},
+    "vocabs": VOCABS,
+    "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3, "weight_decay": 0.01,
+                  "backbone_lr_ratio": 0.5, "layer_decay": None, "betas": [0.9, 0.99]},
+    "scheduler": SCHEDULER,
+}  # fmt: skip
+
+
+def test_files_written_before_the_renames_still_load(module, tmp_path):
+    checkpoint = _checkpoint(module)
+    checkpoint["hyper_parameters"] = copy.deepcopy(OLD_STYLE_HPARAMS)
+    loaded = load_module(_save(checkpoint, tmp_path / "old.ckpt"))
+    assert loaded.hparams.net["image_size"] == (40, 32) and "input_size" not in loaded.hparams.net
+    assert loaded.net.preprocess.image_size == (40, 32)
+    assert loaded.hparams.param_groups == {"backbone_lr_ratio": 0.5, "layer_decay": None}
+    assert "backbone_lr_ratio" not in loaded.hparams.optimizer and loaded.optim.rules == {"backbone_lr_ratio": 0.5}
+    assert loaded.optim.optimizer["betas"] == [0.9, 0.99] and loaded.optim.scheduler["warmup_ratio"] == 0.1
+    images = torch.randint(0, 255, (3, 3, 80, 60), dtype=torch.uint8)
+    assert torch.equal(loaded.embed_images(images), module.embed_images(images))
+    # the same in a model.json, which is also written back with the new names only
+    folder = save_artifact(module, tmp_path / "model")
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    config["hparams"] = copy.deepcopy(OLD_STYLE_HPARAMS)
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
+    again = save_artifact(load_artifact(folder), tmp_path / "model2")
+    hparams = json.loads((again / CONFIG_FILE).read_text())["hparams"]
+    assert hparams["net"]["image_size"] == [40, 32] and hparams["param_groups"]["backbone_lr_ratio"] == 0.5
+    assert not {"input_size", "backbone_lr_ratio", "layer_decay"} & (set(hparams["net"]) | set(hparams["optimizer"]))
+
+
+def test_a_key_under_its_old_and_new_name_is_refused_in_one_line(module, tmp_path):
+    checkpoint = _checkpoint(module)
+    checkpoint["hyper_parameters"]["optimizer"]["backbone_lr_ratio"] = 0.2  # and param_groups says 0.5
+    with pytest.raises(UnsafeCheckpointError, match=r"optimizer.backbone_lr_ratio \(an old name\)") as err:
+        load_module(_save(checkpoint, tmp_path / "both.ckpt"))
+    assert "\n" not in str(err.value)
+
+
 def test_damaged_or_swapped_weights_are_one_line(module, tmp_path):
     folder = save_artifact(module, tmp_path / "model")
     weights = folder / WEIGHTS_FILE
@@ -213,9 +255,10 @@ JSON_VALUES = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
     max_leaves=25,
 )
-KEYS = ["net", "vocabs", "task_weights", "label_smoothing", "optimizer", "scheduler", "freeze_backbone",
-        "freeze_backbone_epochs", "ema", "mixup", "flip_tta", "compile", "unknown_key", "_target_"]  # fmt: skip
-NET_KEYS = ["_target_", "backbone", "pretrained", "input_size", "embed_dim", "dropout", "drop_rate", "x"]
+KEYS = ["net", "vocabs", "task_weights", "label_smoothing", "optimizer", "scheduler", "param_groups",
+        "freeze_backbone", "freeze_backbone_epochs", "ema", "mixup", "flip_tta", "compile", "unknown_key",
+        "_target_"]  # fmt: skip
+NET_KEYS = ["_target_", "backbone", "pretrained", "image_size", "input_size", "embed_dim", "dropout", "drop_rate", "x"]
 FUZZ = settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
 

@@ -10,7 +10,7 @@ import pytest
 
 TINY = [
     "model.net.backbone=test_resnet",
-    "model.net.input_size=[40,32]",
+    "model.net.image_size=[40,32]",
     "data.num_items=200",
     "data.num_workers=0",
     "trainer.max_epochs=1",

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_model_trust import NET, OPTIMIZER, SCHEDULER, VOCABS
+from test_model_trust import NET, OPTIMIZER, PARAM_GROUPS, SCHEDULER, VOCABS
 from test_recommender import catalog, png_bytes  # noqa: F401 (fixture)
 
 from fashion_lightning.models.artifact import save_artifact
@@ -39,7 +39,7 @@ def index_dir(catalog, tmp_path_factory) -> Path:  # noqa: F811 (imported fixtur
     root = tmp_path_factory.mktemp("serve_process") / "index"
     root.mkdir()
     torch.manual_seed(0)
-    module = MultiTaskModule(NET, VOCABS, optimizer=OPTIMIZER, scheduler=SCHEDULER).eval()
+    module = MultiTaskModule(NET, VOCABS, optimizer=OPTIMIZER, scheduler=SCHEDULER, param_groups=PARAM_GROUPS).eval()
     folder = save_artifact(module, root / "model")
     with torch.inference_mode():
         vectors = module.embed_images(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).float().numpy()

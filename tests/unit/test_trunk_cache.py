@@ -22,7 +22,7 @@ from fashion_lightning.models.spec import SpecError, validate_hparams
 from fashion_lightning.models.trunk import TrunkEncoder, TrunkSplit, num_groups
 from hydra_helpers import QUIET, TINY_MODEL, make_cfg
 
-NET = {"_target_": "fashion_lightning.models.multitask.MultiTaskNet", "backbone": "test_resnet", "input_size": [40, 32]}
+NET = {"_target_": "fashion_lightning.models.multitask.MultiTaskNet", "backbone": "test_resnet", "image_size": [40, 32]}
 
 
 class CountingEncoder:
@@ -38,7 +38,7 @@ class CountingEncoder:
 
 def _encoder(backbone: str = "test_resnet", cut: int = 2, seed: int = 0) -> tuple[MultiTaskNet, CountingEncoder]:
     torch.manual_seed(seed)
-    net = MultiTaskNet({"a": 3}, backbone=backbone, input_size=(40, 32)).eval()
+    net = MultiTaskNet({"a": 3}, backbone=backbone, image_size=(40, 32)).eval()
     return net, CountingEncoder(TrunkEncoder(net, TrunkSplit(net.backbone, cut)))
 
 
@@ -180,7 +180,7 @@ def _fit(dm_kwargs: dict, cache: bool, epochs: int = 2) -> tuple[list[float], Mu
         dm.use_trunk_cache = lambda *args, **kwargs: None  # type: ignore[method-assign]  # serve images
     module = MultiTaskModule(
         NET, dm.vocabs, dm.class_weights, cache_trunk={"cut": 2, "views": 1, "dtype": "float32"},
-        optimizer={"lr": 0.01, "backbone_lr_ratio": 1.0},
+        optimizer={"lr": 0.01}, param_groups={"backbone_lr_ratio": 1.0},
     )  # fmt: skip
     initial = {k: v.clone() for k, v in module.state_dict().items()}
     record = StepLosses()
@@ -247,7 +247,7 @@ def test_cached_recipe_builds_a_valid_lite0_module(tmp_path: Path) -> None:
     from fashion_lightning.models.base import checked_hparams, plain
 
     cfg = make_cfg("train", tmp_path / "run", tmp_path / "cache", ["experiment=kaggle_offline_cached", "data.root=/x"])
-    assert list(cfg.model.net.input_size) == [224, 168] and cfg.model.ema and cfg.data.num_workers == 0
+    assert list(cfg.model.net.image_size) == [224, 168] and cfg.model.ema and cfg.data.num_workers == 0
     cfg.model.net.pretrained = False  # the structure is what matters here; the packaged weights load elsewhere
     tasks = ("articleType", "baseColour", "gender", "masterCategory", "season", "subCategory")
     module = instantiate(cfg.model, vocabs={task: ["a", "b"] for task in tasks})
@@ -270,7 +270,7 @@ trunk_cache.CHUNK_ITEMS = 16
 dm = FashionDataModule(**json.loads(sys.argv[1]))
 dm.setup("fit")
 torch.manual_seed(0)
-net = MultiTaskNet({"a": 3}, backbone="test_resnet", input_size=(40, 32)).eval()
+net = MultiTaskNet({"a": 3}, backbone="test_resnet", image_size=(40, 32)).eval()
 encoder = TrunkEncoder(net, TrunkSplit(net.backbone, 2))
 
 def die(done, total):

@@ -25,7 +25,7 @@ data:
 model:
   net:
     backbone: test_resnet
-    input_size: [40, 32]
+    image_size: [40, 32]
 trainer:
   max_epochs: 1
 """
