@@ -307,7 +307,7 @@ def _place_model(module: FashionModule, source: Path, out_dir: Path) -> Path:
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="index")
 def main(cfg: DictConfig) -> None:
-    from fashion_lightning.retrieval.queries import ModelLoadError  # a bad export folder (runtime=onnx)
+    from fashion_lightning.retrieval.manifest import ModelLoadError  # a bad export folder (runtime=onnx)
 
     with one_line_errors(CheckpointError, FileNotFoundError, RetrievalError, ModelLoadError, app="fashion-index"):
         build(cfg)

@@ -17,7 +17,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from fashion_lightning.data.source import CatalogNotFoundError, CatalogSource
 from fashion_lightning.retrieval import Encoder, Recommender, RetrievalError
-from fashion_lightning.retrieval.queries import verified_model_path
 from fashion_lightning.serve.app import create_app
 from fashion_lightning.serve.limits import ServeSettings, SettingsError
 from fashion_lightning.serve.reload import LiveRecommender, load_sharing, token_from_env
@@ -42,7 +41,7 @@ def build(cfg: DictConfig):
     )
     root = cfg.catalog_root or recommender.index.model_info.get("catalog")
     source = CatalogSource(root) if root else None
-    checkpoint = verified_model_path(recommender.index)  # resolved in the index folder, size + sha256
+    checkpoint = recommender.index.model_path()  # resolved in the index folder, size + sha256
     loader = _onnx_loader(cfg, recommender)  # runtime=onnx: the export's encoder, checked now
     if loader is not None and cfg.inference != "process":
         recommender = Recommender(recommender.index, cast("Encoder", loader()))

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from fashion_lightning.data.images import NATIVE_HW
-from fashion_lightning.retrieval.queries import ModelLoadError
+from fashion_lightning.retrieval.manifest import ModelLoadError
 from fashion_lightning.utils.atomic import atomic_write_text
 from fashion_lightning.utils.bounded import LimitError, Limits, load_json
 

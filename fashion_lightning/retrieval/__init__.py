@@ -9,28 +9,20 @@ Typical use::
 """
 
 from fashion_lightning.data.schema import FILTER_FIELDS
+from fashion_lightning.retrieval.encoder import Encoder, QueryEncoder
 from fashion_lightning.retrieval.explain import Explanation
 from fashion_lightning.retrieval.manifest import (
     IndexIntegrityError,
     IndexManifest,
     IndexMemoryError,
     IndexParams,
+    ModelLoadError,
     RetrievalError,
 )
-from fashion_lightning.retrieval.queries import (
-    Encoder,
-    ModelLoadError,
-    PhotoTooLargeError,
-    QueryError,
-    UnknownItemError,
-)
+from fashion_lightning.retrieval.queries import PhotoTooLargeError, QueryError, UnknownItemError
 from fashion_lightning.retrieval.recommender import Recommender
 from fashion_lightning.retrieval.results import Recommendation, RecommendationResult
-from fashion_lightning.retrieval.search import (
-    LoadedIndex,
-    configure_threads,
-    load_index,
-)
+from fashion_lightning.retrieval.search import LoadedIndex, RowFilter, configure_threads, load_index
 from fashion_lightning.retrieval.writer import IndexWriter, build_index
 
 __all__ = [
@@ -45,11 +37,13 @@ __all__ = [
     "LoadedIndex",
     "ModelLoadError",
     "PhotoTooLargeError",
+    "QueryEncoder",
     "QueryError",
     "Recommendation",
     "RecommendationResult",
     "Recommender",
     "RetrievalError",
+    "RowFilter",
     "UnknownItemError",
     "build_index",
     "configure_threads",

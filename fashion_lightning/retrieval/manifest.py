@@ -75,6 +75,10 @@ class IndexMemoryError(RetrievalError, ValueError):
     """An in-memory index type would not fit the configured memory budget."""
 
 
+class ModelLoadError(RetrievalError):
+    """The model the index names cannot be loaded (missing or damaged checkpoint)."""
+
+
 @dataclass(frozen=True)
 class IndexParams:
     """FAISS index choice. ``0`` means "pick from the catalog size" (see :meth:`resolved`)."""

@@ -43,7 +43,8 @@ from fashion_lightning.retrieval.manifest import (
     RetrievalError,
     file_record,
 )
-from fashion_lightning.retrieval.search import LoadedIndex, take_unique
+from fashion_lightning.retrieval.queries import UnknownItemError
+from fashion_lightning.retrieval.search import LoadedIndex, RowFilter, take_unique
 from fashion_lightning.retrieval.writer import column_kind
 from fashion_lightning.utils.atomic import atomic_path, atomic_write_text
 
@@ -419,8 +420,6 @@ class QdrantIndex(LoadedIndex):
     version, see ``retrieval.update``) are skipped, so an old version keeps answering until it is reloaded.
     """
 
-    payload_filters = True
-
     def __init__(self, base: LoadedIndex, store: QdrantStore) -> None:
         vars(self).update(vars(base))
         self.store = store
@@ -432,8 +431,6 @@ class QdrantIndex(LoadedIndex):
 
     def vectors(self, rows: np.ndarray | None = None) -> np.ndarray:
         rows = np.arange(self.n) if rows is None else np.asarray(rows, dtype=np.int64)
-        from fashion_lightning.retrieval.queries import UnknownItemError
-
         vectors, found = self.store.vectors(self.ids[rows])
         if not found.all():
             gone = self.ids[rows][~found][:10].tolist()
@@ -448,21 +445,22 @@ class QdrantIndex(LoadedIndex):
         k = max(1, min(int(k), self.n))
         out_s, out_r = np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
         for i, q in enumerate(queries):
-            scores, rows = self.search_where(q, k, {}, np.empty(0, np.int64), None)
+            scores, rows = self._search_store(q, k, {}, np.empty(0, np.int64), None)
             out_s[i, : len(rows)], out_r[i, : len(rows)] = scores, rows
         return out_s, out_r
 
-    def search_where(
-        self,
-        query: np.ndarray,
-        k: int,
-        filters: Mapping[str, Sequence[str]],
-        excluded_rows: np.ndarray,
-        groups: np.ndarray | None,
+    def top_k(self, query: np.ndarray, k: int, where: RowFilter) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`LoadedIndex.top_k` with the filters as payload matches inside Qdrant (not a row mask) and the
+        excluded rows, with their photos' copies, left out by id."""
+        excluded = np.flatnonzero(self.photo_copies(where.exclude))
+        return self._search_store(query, k, where.filters, excluded, self.groups)
+
+    def _search_store(
+        self, query: np.ndarray, k: int, filters: Mapping[str, Sequence[str]], excluded: np.ndarray, groups: Any
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` rows matching ``filters`` minus ``excluded_rows``, one row per ``groups`` value; widens
+        """Top-``k`` rows matching ``filters`` minus ``excluded`` rows, one row per ``groups`` value; widens
         4x until ``k`` groups survive or the collection has no more matches (as ``search_filtered``)."""
-        exclude = self.ids[np.asarray(excluded_rows, dtype=np.int64)]
+        exclude = self.ids[np.asarray(excluded, dtype=np.int64)]
         fetch = k + 16 if groups is not None else k
         while True:
             scores, ids = self.store.search(query, fetch, filters, exclude)

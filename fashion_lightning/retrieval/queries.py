@@ -1,9 +1,8 @@
-"""What a query brings to the recommender: its errors, its photo, and the model that embeds it.
+"""What a query brings to the recommender: its errors, its ``k`` and its photo.
 
 The query side of :mod:`~fashion_lightning.retrieval.recommender`: the error types every caller maps
-(CLI exit code 2, HTTP 4xx/503), the ``k`` check, query photos through the catalog's one decoder, and the
-:class:`Encoder` protocol with its loading from the index's (verified) checkpoint. Nothing here imports
-torch at module level: id and history queries never need it.
+(CLI exit code 2, HTTP 4xx/503), the ``k`` check, and query photos through the catalog's one decoder. The
+model that embeds a query is :mod:`~fashion_lightning.retrieval.encoder`'s.
 """
 
 from __future__ import annotations
@@ -13,17 +12,13 @@ import io
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from fashion_lightning.data.images import TOO_LARGE, ImageDecodeError, letterbox, open_image
 from fashion_lightning.retrieval.manifest import RetrievalError
-from fashion_lightning.retrieval.search import LoadedIndex
-
-if TYPE_CHECKING:
-    import torch
 
 ImageLike = str | Path | bytes | np.ndarray | Image.Image
 
@@ -36,32 +31,8 @@ class UnknownItemError(QueryError):
     """A query names an item id the index does not hold."""
 
 
-class ModelLoadError(RetrievalError):
-    """The model the index names cannot be loaded (missing or damaged checkpoint)."""
-
-
 class PhotoTooLargeError(QueryError):
     """A query photo has more pixels than PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``)."""
-
-
-@runtime_checkable
-class Encoder(Protocol):
-    """What the recommender needs from a model (both model families implement it)."""
-
-    embedding_name: str
-
-    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, 3, H, W] -> L2-normalised [B, D]."""
-
-    def embed_texts(self, texts: list[str]) -> torch.Tensor:
-        """[B] strings -> [B, D]; raises NotImplementedError without a text tower."""
-
-    def predict_attributes(self, images: torch.Tensor) -> dict[str, list[str]]:
-        """uint8 [B, 3, H, W] -> {task: [B] labels}; {} without heads."""
-
-    # optional: ``embed_and_predict(images) -> (embeddings, {task: labels})`` from one forward pass;
-    # photo queries use it when the encoder has it (FashionModule does), else call the two above.
-    # optional: ``accepts_numpy = True``: images come as uint8 numpy arrays instead of torch tensors.
 
 
 def check_k(k: Any, most: int | None = None) -> int:
@@ -118,71 +89,3 @@ def _lossless_bytes(image: np.ndarray | Image.Image) -> bytes:
     png = image.mode in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA")
     image.save(buffer, format="PNG" if png else "TIFF", **({"compress_level": 0} if png else {}))
     return buffer.getvalue()
-
-
-def embed_and_predict(encoder: Encoder, images: torch.Tensor) -> tuple[Any, dict[str, list[str]]]:
-    """Embeddings and predicted attributes of query photos, in one forward pass where the encoder can."""
-    both = getattr(encoder, "embed_and_predict", None)
-    if callable(both):
-        embedded, predictions = both(images)
-        return embedded, dict(predictions or {})
-    embedded = encoder.embed_images(images)
-    try:
-        predictions = encoder.predict_attributes(images) or {}
-    except NotImplementedError:
-        predictions = {}
-    return embedded, dict(predictions)
-
-
-def to_tensor(natives: np.ndarray, encoder: Encoder) -> torch.Tensor | np.ndarray:
-    """[B, H, W, 3] -> [B, 3, H, W] on the encoder's device (a numpy array for ``accepts_numpy`` encoders,
-    e.g. the server's worker processes, so the serving process never imports torch)."""
-    channels_first = np.ascontiguousarray(natives.transpose(0, 3, 1, 2))
-    if getattr(encoder, "accepts_numpy", False):
-        return channels_first
-    import torch
-
-    batch = torch.from_numpy(channels_first)
-    device = getattr(encoder, "device", None)
-    return batch.to(device) if device is not None else batch
-
-
-def infer(fn: Callable[..., Any], *args: Any) -> Any:
-    """Run an encoder call without autograd bookkeeping."""
-    if isinstance(args[-1], np.ndarray) or getattr(getattr(fn, "__self__", None), "accepts_numpy", False):
-        return fn(*args)  # runs elsewhere (worker processes): nothing to track here
-    import torch
-
-    with torch.inference_mode():
-        return fn(*args)
-
-
-def verified_model_path(index: LoadedIndex) -> Path | None:
-    """The index's model (artefact folder, or an old index's checkpoint), resolved in the folder and
-    checked (size + sha256) right now.
-
-    None when the manifest names no model; ModelLoadError when it is gone. A swapped or edited file, or a
-    model outside the folder the user did not trust, raises the manifest's IndexIntegrityError before
-    anything reads it.
-    """
-    model = index.model_path()
-    if model is not None and not model.exists():
-        raise ModelLoadError(f"the index was built from {model}, which no longer exists; pass encoder=")
-    return model
-
-
-def model_loader(index: LoadedIndex) -> Callable[[], Encoder] | None:
-    """Loads the index's model on first need (None when the manifest names none)."""
-    if not (index.model_info.get("model") or index.model_info.get("checkpoint")):
-        return None
-
-    def load() -> Encoder:
-        model = verified_model_path(index)  # at load time: the files may have changed since start-up
-        from fashion_lightning.models.base import load_module
-
-        try:
-            return load_module(str(model))  # in eval mode; never runs code from the files
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError) as err:
-            raise ModelLoadError(f"cannot load the index's model {model}: {err}") from err
-
-    return load

@@ -1,8 +1,9 @@
 """Recommendations from an index folder: by photo(s), text, catalog item, or a user's history.
 
-Every query becomes one unit vector, then the same search runs: filters and exclusions become a row
-mask, :meth:`LoadedIndex.search_filtered` returns the exact filtered top-k with one row per image
-(byte-identical product photos count once), and each result gets an :class:`Explanation`.
+Every query becomes one unit vector (photos and texts through :class:`~.encoder.QueryEncoder`) and its
+filters a row mask; :meth:`LoadedIndex.top_k` returns the exact filtered top-k with one row per image
+(byte-identical product photos count once, excluded rows' copies left out), and each result gets an
+:class:`Explanation`.
 """
 
 from __future__ import annotations
@@ -11,33 +12,17 @@ import difflib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-import pandas as pd
 from PIL import Image
 
 from fashion_lightning.data.schema import FILTER_FIELDS
 from fashion_lightning.retrieval import explain
-from fashion_lightning.retrieval.queries import (
-    Encoder,
-    ImageLike,
-    QueryError,
-    UnknownItemError,
-    check_k,
-    decode_query_image,
-    embed_and_predict,
-    infer,
-    model_loader,
-    to_tensor,
-)
+from fashion_lightning.retrieval.encoder import Encoder, QueryEncoder
+from fashion_lightning.retrieval.queries import ImageLike, QueryError, UnknownItemError, check_k, decode_query_image
 from fashion_lightning.retrieval.results import Recommendation, RecommendationResult, plain_value
-from fashion_lightning.retrieval.search import LoadedIndex, load_index
-
-if TYPE_CHECKING:
-    pass
-
-MAX_OVERFETCH = 256  # excluded rows up to which an unfiltered query over-fetches instead of masking
+from fashion_lightning.retrieval.search import LoadedIndex, RowFilter, load_index
 
 
 class Recommender:
@@ -54,9 +39,7 @@ class Recommender:
         encoder_loader: Callable[[], Encoder] | None = None,
     ) -> None:
         self.index = index
-        self._encoder = encoder
-        self._encoder_loader = encoder_loader or model_loader(index)
-        self.groups = _duplicate_groups(index.items)
+        self.query_encoder = QueryEncoder(index, encoder, encoder_loader)
         self._values: dict[str, dict[str, str]] = {}
         self._records: list[dict[str, Any]] | None = None
 
@@ -84,22 +67,16 @@ class Recommender:
     @property
     def loaded_encoder(self) -> Encoder | None:
         """The encoder if one was given or has been loaded, else None (reading this never loads one)."""
-        return self._encoder
+        return self.query_encoder.loaded
 
     def with_index(self, index: LoadedIndex) -> Recommender:
         """A Recommender over ``index`` sharing this one's encoder (or its loader, when not loaded yet)."""
-        return Recommender(index, self._encoder, self._encoder_loader)
+        return Recommender(index, self.query_encoder.loaded, self.query_encoder.loader)
 
     @property
     def encoder(self) -> Encoder:
-        if self._encoder is None:
-            if self._encoder_loader is None:
-                raise QueryError(
-                    "photo and text queries need the model that built the index, but its manifest names no "
-                    "model; pass encoder= (or encoder_loader=) to Recommender"
-                )
-            self._encoder = self._encoder_loader()
-        return self._encoder
+        """The encoder of photo and text queries, loaded now if not yet."""
+        return self.query_encoder.model
 
     def records(self, rows: Sequence[int] | np.ndarray) -> list[dict[str, Any]]:
         """JSON-ready metadata of index rows (built once: pandas row access costs ~1 ms a query)."""
@@ -157,9 +134,7 @@ class Recommender:
         if len(images) == 0:
             raise QueryError("no query image given")
         natives, digests, labels = zip(*(decode_query_image(image, i, decode) for i, image in enumerate(images)))
-        batch = to_tensor(np.stack(natives), self.encoder)
-        embedded, predictions = infer(embed_and_predict, self.encoder, batch)
-        vectors = self._checked(embedded, "image")
+        vectors, predictions = self.query_encoder.photos(np.stack(natives))
         query = _unit(vectors.mean(axis=0), "the query photos' embeddings cancel out")
         attributes = explain.attributes_of_predictions(predictions)
         sha1s = {d for d in digests if d}
@@ -183,14 +158,7 @@ class Recommender:
         start = time.perf_counter()
         if not isinstance(text, str) or not text.strip():
             raise QueryError("the text query is empty")
-        try:
-            embedded = infer(self.encoder.embed_texts, [text])
-        except (NotImplementedError, AttributeError) as err:
-            name = self.index.model_info.get("embedding_name", "its model")
-            raise QueryError(
-                f"text queries need a model with a text tower (CLIP); this index was made by {name}"
-            ) from err
-        query = _unit(self._checked(embedded, "text")[0], "the text embedding is zero")
+        query = _unit(self.query_encoder.text(text), "the text embedding is zero")
         return self._run(
             query,
             k,
@@ -274,7 +242,15 @@ class Recommender:
     def allowed_rows(
         self, filters: Mapping[str, Any] | None, exclude_rows: Sequence[int] | np.ndarray = ()
     ) -> tuple[np.ndarray | None, dict[str, list[str]]]:
-        """Row mask for ``filters`` minus ``exclude_rows`` and every copy of their photos (None = all rows)."""
+        """Row mask for ``filters`` minus ``exclude_rows`` and every copy of their photos (None = all rows),
+        and the filters as the index spells them."""
+        mask, clean = self._filter_mask(filters)
+        excluded = self.index.photo_copies(exclude_rows)
+        allowed = ~excluded if mask is None else mask & ~excluded
+        return (None if allowed.all() else allowed), clean
+
+    def _filter_mask(self, filters: Mapping[str, Any] | None) -> tuple[np.ndarray | None, dict[str, list[str]]]:
+        """Rows matching ``filters`` (None when none is given) and the filters as the index spells them."""
         items = self.index.items
         mask = np.ones(self.index.n, dtype=bool)
         clean: dict[str, list[str]] = {}
@@ -298,18 +274,7 @@ class Recommender:
             mask &= items[name].isin(wanted).to_numpy()
         if clean and not mask.any():
             raise QueryError(f"no item in the index matches all filters {clean}")
-        mask &= ~self._excluded(exclude_rows)
-        return (None if mask.all() else mask), clean
-
-    def _excluded(self, exclude_rows: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Mask of ``exclude_rows`` and every other row showing the same photo."""
-        excluded = np.zeros(self.index.n, dtype=bool)
-        exclude = np.asarray(exclude_rows, dtype=np.int64)
-        if len(exclude):
-            excluded[exclude] = True
-            if self.groups is not None:
-                excluded |= np.isin(self.groups, self.groups[exclude])
-        return excluded
+        return (mask if clean else None), clean
 
     def _example(self, name: str) -> str:
         values = self.index.items[name].astype(str)
@@ -339,13 +304,9 @@ class Recommender:
         start: float,
     ) -> RecommendationResult:
         k = check_k(k)
-        allowed, clean = self.allowed_rows(filters, exclude_rows)
+        mask, clean = self._filter_mask(filters)
         t = time.perf_counter()
-        if self.index.payload_filters:  # the backend filters on its own payload (Qdrant): no row mask
-            excluded = np.flatnonzero(self._excluded(exclude_rows))
-            scores, rows = self.index.search_where(query, k, clean, excluded, self.groups)
-        else:
-            scores, rows = self._search(query, k, allowed, bool(clean))
+        scores, rows = self.index.top_k(query, k, RowFilter(mask, clean, exclude_rows))
         timings["search_ms"] = _ms(t)
         t = time.perf_counter()
         parts = self._score_parts(query, rows)
@@ -361,20 +322,6 @@ class Recommender:
         answered: dict[str, Any] = {key: round(v, 3) for key, v in timings.items()}
         answered["index_version"] = self.index.version  # which index answered (fashion-serve reloads)
         return RecommendationResult(description, results, answered)
-
-    def _search(
-        self, query: np.ndarray, k: int, allowed: np.ndarray | None, filtered: bool
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Filtered top-k. A mask that only drops a few excluded rows (the query item, its photo's
-        copies, a history) is cheaper as an over-fetch of the unmasked search: each excluded row takes
-        at most one slot, so the top ``k + excluded`` unique rows hold the exact answer."""
-        if allowed is not None and not filtered:
-            excluded = self.index.n - int(allowed.sum())
-            if excluded <= MAX_OVERFETCH:
-                scores, rows = self.index.search_filtered(query, k + excluded, None, self.groups)
-                keep = allowed[rows]
-                return scores[keep][:k], rows[keep][:k]
-        return self.index.search_filtered(query, k, allowed, self.groups)
 
     def _score_parts(self, query: np.ndarray, rows: np.ndarray) -> list[dict[str, float] | None]:
         parts = self.index.parts
@@ -396,21 +343,6 @@ class Recommender:
                 f"(ids {int(self.index.ids.min())}..{int(self.index.ids.max())})"
             )
         return rows
-
-    def _checked(self, embedded: Any, what: str) -> np.ndarray:
-        vectors = np.asarray(
-            embedded.detach().float().cpu().numpy() if hasattr(embedded, "detach") else embedded, dtype=np.float32
-        )
-        if vectors.ndim != 2 or vectors.shape[1] != self.index.dim:
-            raise QueryError(
-                f"the encoder's {what} embeddings have shape {vectors.shape[1:]} but the index holds "
-                f"{self.index.dim}-d vectors; use the model that built it "
-                f"({self.index.model_info.get('model') or self.index.model_info.get('checkpoint')})"
-            )
-        name, expected = getattr(self.encoder, "embedding_name", None), self.index.model_info.get("embedding_name")
-        if name and expected and name != expected:
-            raise QueryError(f"the encoder makes {name!r} embeddings but the index holds {expected!r} ones")
-        return vectors
 
 
 def _is_given(value: Any) -> bool:
@@ -441,18 +373,6 @@ def _unit(vector: np.ndarray, problem: str) -> np.ndarray:
     if not np.isfinite(norm) or norm < 1e-6:
         raise QueryError(problem)
     return vector / norm
-
-
-def _duplicate_groups(items: pd.DataFrame) -> np.ndarray | None:
-    """One group id per distinct image (by ``image_sha1``); rows without a hash are their own group."""
-    if "image_sha1" not in items.columns:
-        return None
-    sha = items["image_sha1"].astype(str).str.strip()
-    blank = sha.isin(["", "nan", "None"]).to_numpy()
-    codes, uniques = pd.factorize(sha)
-    codes = codes.astype(np.int64)
-    codes[blank] = len(uniques) + np.arange(blank.sum())
-    return codes
 
 
 def _ms(start: float) -> float:

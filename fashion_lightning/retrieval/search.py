@@ -1,5 +1,10 @@
 """Searching a verified index folder: exact flat engines, FAISS engines with selectors, exact re-ranking.
 
+:class:`LoadedIndex` owns the search policy of a recommendation query (:meth:`LoadedIndex.top_k`): one row per
+distinct photo (byte-identical product photos count once), excluded rows and every copy of their photos left
+out, a few exclusions over-fetched rather than masked, small masks scored exactly. Callers bring a query vector
+and a :class:`RowFilter`; a backend with its own payload filters (Qdrant) overrides ``top_k`` alone.
+
 ``load_index`` verifies the folder (``manifest``), opens the FAISS index memory-mapped when it is large
 (FAISS's ``IO_FLAG_MMAP`` for IVF lists, ``IO_FLAG_MMAP_IFC`` for flat / HNSW storage: pages are shared
 between processes and a server starts without reading the whole file) and reads only the item columns
@@ -36,6 +41,7 @@ from fashion_lightning.retrieval.manifest import (
     IndexIntegrityError,
     IndexManifest,
     IndexParams,
+    ModelLoadError,
     model_path,
     read_items,
     read_manifest,
@@ -55,6 +61,22 @@ SHIPPED_BLAS_THRESHOLD = faiss.cvar.distance_compute_blas_threshold
 
 # Vectors files at least this large are memory-mapped by default (small ones load faster in full).
 MMAP_MIN_BYTES = 64 << 20
+
+MAX_OVERFETCH = 256  # excluded rows up to which an unfiltered query over-fetches instead of masking
+
+
+@dataclass(frozen=True, eq=False)
+class RowFilter:
+    """Which rows a query may return.
+
+    ``mask``: the rows matching the query's filters (None: no filters were given); ``filters``: the same
+    condition by value, for backends that filter on their own payload; ``exclude``: rows never returned (the
+    query item, a history), nor any other row showing the same photo.
+    """
+
+    mask: np.ndarray | None = None
+    filters: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    exclude: Sequence[int] | np.ndarray = ()
 
 
 @functools.cache
@@ -158,8 +180,8 @@ def load_index(
 class LoadedIndex:
     """A verified index. Rows are faiss labels; ``items.iloc[row]`` describes vector ``row``.
 
-    Backends that filter on their own payload (``payload_filters``: Qdrant) get the filters themselves
-    through ``search_where`` instead of a row mask; ``faiss_index`` is None for them.
+    ``groups``: one id per distinct photo (``image_sha1``), None without that column. Backends that filter on
+    their own payload (Qdrant) override :meth:`top_k`; ``faiss_index`` is None for them.
     """
 
     path: Path
@@ -171,8 +193,6 @@ class LoadedIndex:
     allow_external_model: bool = False  # the user trusts a model outside the folder (see verified_model)
     version: str = ""  # first 12 hex of the manifest's sha256: which index version answered a query
 
-    payload_filters = False
-
     def __post_init__(self) -> None:
         self.ids = self.items["id"].to_numpy(dtype=np.int64)
         self._row_of = pd.Index(self.ids)
@@ -181,6 +201,7 @@ class LoadedIndex:
         # stored vectors are exact (PQ stores codes unless the float32 copy was kept)
         self.exact = self.kind in ("flat", "hnsw", "ivf") or self.exact_vectors is not None
         self._flat = FlatSearcher(flat_view(self.faiss_index)) if self.kind == "flat" else None
+        self.groups = duplicate_groups(self.items)
 
     @property
     def n(self) -> int:
@@ -201,8 +222,16 @@ class LoadedIndex:
 
     def model_path(self) -> Path | None:
         """The model to load (artefact folder, or an old index's checkpoint), checked against the manifest
-        right now (size + sha256 of its files; outside the folder only with ``allow_external_model``)."""
-        return verified_model(self.manifest.model, self.path, allow_external=self.allow_external_model)
+        right now (size + sha256 of its files; outside the folder only with ``allow_external_model``).
+
+        None when the manifest names no model; ModelLoadError when it is gone. A swapped or edited file, or a
+        model outside the folder the user did not trust, raises the manifest's IndexIntegrityError before
+        anything reads it.
+        """
+        model = verified_model(self.manifest.model, self.path, allow_external=self.allow_external_model)
+        if model is not None and not model.exists():
+            raise ModelLoadError(f"the index was built from {model}, which no longer exists; pass encoder=")
+        return model
 
     def rows_of(self, ids: np.ndarray | list[int]) -> np.ndarray:
         """Row of each item id, -1 where the index does not hold it."""
@@ -321,17 +350,33 @@ class LoadedIndex:
     def close(self) -> None:
         """Release what the backend holds open (a Qdrant client; nothing for a FAISS folder)."""
 
-    def search_where(
-        self,
-        query: np.ndarray,
-        k: int,
-        filters: Mapping[str, Sequence[str]],
-        excluded_rows: np.ndarray,
-        groups: np.ndarray | None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` by filters and excluded rows, for backends with ``payload_filters`` (Qdrant); FAISS
-        indexes take the same query as a row mask through :meth:`search_filtered`."""
-        raise NotImplementedError(f"{type(self).__name__} filters by row mask (search_filtered)")
+    def photo_copies(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Mask of ``rows`` and every other row showing the same photo."""
+        copies = np.zeros(self.n, dtype=bool)
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows):
+            copies[rows] = True
+            if self.groups is not None:
+                copies |= np.isin(self.groups, self.groups[rows])
+        return copies
+
+    def top_k(self, query: np.ndarray, k: int, where: RowFilter) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-``k`` (scores, rows) of one query among the rows ``where`` allows, one row per photo.
+
+        A mask that only drops a few excluded rows (the query item, its photo's copies, a history) is cheaper
+        as an over-fetch of the unmasked search: each excluded row takes at most one slot, so the top
+        ``k + excluded`` unique rows hold the exact answer.
+        """
+        excluded = self.photo_copies(where.exclude)
+        allowed = ~excluded if where.mask is None else where.mask & ~excluded
+        if allowed.all():
+            return self.search_filtered(query, k, None, self.groups)
+        n_excluded = int(excluded.sum())
+        if where.mask is None and n_excluded <= MAX_OVERFETCH:
+            scores, rows = self.search_filtered(query, k + n_excluded, None, self.groups)
+            keep = allowed[rows]
+            return scores[keep][:k], rows[keep][:k]
+        return self.search_filtered(query, k, allowed, self.groups)
 
     def _score_rows(self, query: np.ndarray, rows: np.ndarray, k: int, groups: np.ndarray | None):
         return take_unique(self.vectors(rows) @ query, rows, k, groups)
@@ -349,6 +394,18 @@ def _rerank(exact: np.ndarray, queries: np.ndarray, rows: np.ndarray, k: int) ->
         top = np.argsort(-scores, kind="stable")[:k]
         out_s[i, : len(top)], out_r[i, : len(top)] = scores[top], cand[top]
     return out_s, out_r
+
+
+def duplicate_groups(items: pd.DataFrame) -> np.ndarray | None:
+    """One group id per distinct image (by ``image_sha1``); rows without a hash are their own group."""
+    if "image_sha1" not in items.columns:
+        return None
+    sha = items["image_sha1"].astype(str).str.strip()
+    blank = sha.isin(["", "nan", "None"]).to_numpy()
+    codes, uniques = pd.factorize(sha)
+    codes = codes.astype(np.int64)
+    codes[blank] = len(uniques) + np.arange(blank.sum())
+    return codes
 
 
 def take_unique(

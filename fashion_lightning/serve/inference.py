@@ -311,7 +311,7 @@ def _split_rows(answer: np.ndarray, rows: slice) -> np.ndarray:
 
 
 class ProcessEncoder:
-    """The :class:`~fashion_lightning.retrieval.queries.Encoder` protocol, answered by worker processes."""
+    """The :class:`~fashion_lightning.retrieval.encoder.Encoder` protocol, answered by worker processes."""
 
     accepts_numpy = True  # the recommender hands over uint8 [B, 3, H, W] arrays, not torch tensors
 

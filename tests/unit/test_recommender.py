@@ -21,8 +21,7 @@ from rich.console import Console
 from fashion_lightning.data import schema
 from fashion_lightning.retrieval import FILTER_FIELDS, QueryError, RecommendationResult, Recommender, build_index
 from fashion_lightning.retrieval.gallery import PANEL_INCHES, render_gallery, results_table
-from fashion_lightning.retrieval.manifest import model_record
-from fashion_lightning.retrieval.queries import ModelLoadError
+from fashion_lightning.retrieval.manifest import ModelLoadError, model_record
 
 COLOURS = {"Navy Blue": (20, 30, 110), "Red": (200, 30, 30), "Black": (15, 15, 15), "White": (235, 235, 235)}
 TYPES = {  # articleType -> (masterCategory, subCategory, stripe period in pixels)
@@ -260,8 +259,8 @@ def _brute_force(rec: Recommender, query_vec: np.ndarray, mask: np.ndarray, k: i
     order = np.flatnonzero(mask)[np.argsort(-(vectors[mask] @ query_vec), kind="stable")]
     seen, out = set(), []
     for row in order:
-        if rec.groups[row] not in seen:
-            seen.add(rec.groups[row])
+        if rec.index.groups[row] not in seen:
+            seen.add(rec.index.groups[row])
             out.append(int(rec.index.ids[row]))
     return out[:k]
 
