@@ -14,9 +14,11 @@ into place; a failed check names the worst item and leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -103,6 +105,74 @@ class TextGraph(nn.Module):
         return module.net.encode_text(tokens).float()
 
 
+class StaticPadConv2d(nn.Module):
+    """A TF-"SAME" convolution whose padding was worked out for the one input size the graph takes.
+
+    Why: timm's ``Conv2dSame`` (the ``tf_*`` EfficientNets' strided convolutions) computes its padding from the
+    input's shape at run time; traced, that is a chain of Shape / Gather / Ceil / Cast ops and a ``Pad`` with
+    computed amounts, which ONNX Runtime can neither fold into the convolution nor keep in its blocked (NCHWc)
+    layout: each one converts the activations out of that layout and back. Measured on lite0 128x96: the five
+    pads and their re-orderings were 27% of the graph's time. Here the padding is a constant: symmetric, it is
+    the convolution's own; otherwise a constant ``Pad`` that ONNX Runtime fuses into the ``Conv`` after it.
+    """
+
+    def __init__(self, conv: nn.Conv2d, pads: tuple[int, int, int, int]) -> None:
+        super().__init__()
+        self.conv = conv  # the original module: same weights, its forward is not used
+        self.pads = pads  # left, right, top, bottom (F.pad's order for the last two axes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        left, right, top, bottom = self.pads
+        conv = self.conv
+        if left == right and top == bottom:
+            return nn.functional.conv2d(x, conv.weight, conv.bias, conv.stride, (top, left), conv.dilation, conv.groups)
+        x = nn.functional.pad(x, self.pads)
+        return nn.functional.conv2d(x, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+
+
+@contextlib.contextmanager
+def static_same_padding(graph: nn.Module, example: torch.Tensor) -> Iterator[int]:
+    """While exporting ``graph`` for inputs shaped like ``example``: its run-time "SAME" paddings become
+    :class:`StaticPadConv2d` (restored afterwards). Yields how many were replaced. The self-check compares
+    the graph with the untouched module, so a wrong padding fails the export."""
+    from timm.layers import Conv2dSame
+
+    sizes: dict[nn.Module, tuple[int, int]] = {}
+
+    def record(conv: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        sizes[conv] = (int(args[0].shape[-2]), int(args[0].shape[-1]))
+
+    hooks = [m.register_forward_pre_hook(record) for m in graph.modules() if isinstance(m, Conv2dSame)]
+    try:
+        with torch.no_grad():
+            graph(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        for parent in list(graph.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, Conv2dSame) and child in sizes:
+                    pads = _same_pads(sizes[child], child)
+                    setattr(parent, name, StaticPadConv2d(child, pads))
+                    swapped.append((parent, name, child))
+        yield len(swapped)
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
+
+
+def _same_pads(size_hw: tuple[int, int], conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    """timm's ``pad_same`` amounts for a fixed input size: (left, right, top, bottom)."""
+    from timm.layers.padding import get_same_padding
+
+    kh, kw = conv.weight.shape[-2:]
+    pad_h = int(get_same_padding(size_hw[0], int(kh), conv.stride[0], conv.dilation[0]))
+    pad_w = int(get_same_padding(size_hw[1], int(kw), conv.stride[1], conv.dilation[1]))
+    return pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2
+
+
 def _export(graph: nn.Module, example: torch.Tensor, path: Path, input_name: str, outputs: list[str]) -> None:
     """TorchScript-based exporter: deterministic graphs, no onnxscript needed; only the batch axis is free."""
     axes = {name: {0: "batch"} for name in [input_name, *outputs]}
@@ -112,6 +182,30 @@ def _export(graph: nn.Module, example: torch.Tensor, path: Path, input_name: str
             graph, (example,), str(path), input_names=[input_name], output_names=outputs, dynamic_axes=axes,
             opset_version=OPSET, dynamo=False, do_constant_folding=True,
         )  # fmt: skip
+    drop_empty_trailing_inputs(path)
+
+
+def drop_empty_trailing_inputs(path: Path) -> int:
+    """Rewrite the graph at ``path`` without the empty trailing optional inputs the exporter writes (``Pad(x,
+    pads, "")``): the same graph by ONNX's rules, but ONNX Runtime's Pad+Conv fusion only fires on a Pad
+    whose inputs all exist (a Pad it cannot fuse also breaks its NCHWc layout). Returns how many it dropped."""
+    import onnx
+
+    model = onnx.load(str(path))
+    dropped = 0
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            while len(node.input) and node.input[-1] == "":
+                node.input.pop()
+                dropped += 1
+            for attribute in node.attribute:
+                graphs += [attribute.g] if attribute.HasField("g") else []
+                graphs += list(attribute.graphs)
+    if dropped:
+        onnx.save(model, str(path))
+    return dropped
 
 
 def save_tokenizer(module: Any, folder: Path) -> dict[str, Any]:
@@ -160,8 +254,10 @@ def export_onnx(
     tasks = list(module.vocabs.tasks)
     pre = _preprocess(module)
     with atomic_dir(Path(out_dir), prefix=".tmp-onnx-") as tmp:
-        _export(ImageGraph(module).eval(), example, tmp / IMAGE_FILE, IMAGE_INPUT,
-                [EMBEDDING_OUTPUT, *[f"{LOGITS_PREFIX}{t}" for t in tasks]])  # fmt: skip
+        image_graph = ImageGraph(module).eval()
+        with static_same_padding(image_graph, example):
+            _export(image_graph, example, tmp / IMAGE_FILE, IMAGE_INPUT,
+                    [EMBEDDING_OUTPUT, *[f"{LOGITS_PREFIX}{t}" for t in tasks]])  # fmt: skip
         (tmp / PREPROCESS_FILE).write_text(json.dumps(pre.to_dict(), indent=1) + "\n", encoding="utf-8")
         text = None
         if clip:
