@@ -12,7 +12,8 @@ are flushed its SHA-1 is written (atomically) to ``chunks/<i>.sha1``, and ``meta
 A killed build resumes at the first chunk without a valid checksum; every open re-hashes the chunks, and
 a damaged one (bit rot, a torn write) is recomputed from the images (views are seeded per chunk, so the
 rebuilt chunk is the same). One build per key at a time (``fcntl`` lock); readers only trust a key folder
-whose ``meta.json`` exists.
+whose ``meta.json`` exists. That machinery (:func:`ensure_chunked`: named arrays, one row per item) is shared
+with the CLIP text cache (``data/text_cache.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import hashlib
 import json
 import logging
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -99,20 +100,114 @@ def _locked(path: Path) -> Iterator[None]:
         yield
 
 
-def _chunk_digest(array: np.memmap, chunk: int) -> str:
-    rows = array[chunk * CHUNK_ITEMS : (chunk + 1) * CHUNK_ITEMS]
-    return hashlib.sha1(np.ascontiguousarray(rows).tobytes()).hexdigest()
+# --- the chunked, checksummed memmap machinery (shared with the text cache, data/text_cache.py) -------------
+Layout = dict[str, tuple[tuple[int, ...], str]]  # array name -> (full shape, dtype); axis 0 = items
 
 
-def _chunk_ok(folder: Path, array: np.memmap, chunk: int) -> bool:
+def open_array(folder: Path, name: str, layout: Layout, mode: Literal["r", "r+", "w+"] = "r") -> np.memmap:
+    shape, dtype = layout[name]
+    return np.memmap(folder / f"{name}.bin", dtype=dtype, mode=mode, shape=shape)
+
+
+def _chunk_digest(arrays: Mapping[str, np.memmap], chunk: int) -> str:
+    """SHA-1 of the chunk's rows of every array (in name order; one array: the hash of its rows)."""
+    digest = hashlib.sha1()
+    for name in sorted(arrays):
+        rows = arrays[name][chunk * CHUNK_ITEMS : (chunk + 1) * CHUNK_ITEMS]
+        digest.update(np.ascontiguousarray(rows).tobytes())
+    return digest.hexdigest()
+
+
+def _chunk_ok(folder: Path, arrays: Mapping[str, np.memmap], chunk: int) -> bool:
     recorded = folder / "chunks" / f"{chunk:05d}.sha1"
     try:
         expected = recorded.read_text().strip()
     except OSError:
         return False
-    return expected == _chunk_digest(array, chunk)
+    return expected == _chunk_digest(arrays, chunk)
 
 
+def _read_layout(folder: Path, items: int) -> Layout | None:
+    """The folder's ``layout.json`` if its arrays exist with the sizes it names (``None``: start over).
+
+    ``{"arrays": {name: {shape, dtype}}}``; a single-array layout also carries ``shape``/``dtype`` at the top
+    (what a trunk cache of version 1 wrote, read as the array ``activations``).
+    """
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+        raw = json.loads((folder / "layout.json").read_text())
+        described = raw.get("arrays") or {"activations": {"shape": raw["shape"], "dtype": raw["dtype"]}}
+        layout = {str(n): (tuple(int(v) for v in a["shape"]), str(a["dtype"])) for n, a in described.items()}
+        for name, (shape, dtype) in layout.items():
+            if dtype not in DTYPES + ("uint8",) or not shape or shape[0] != items:
+                return None
+            if (folder / f"{name}.bin").stat().st_size != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+                return None
+        return layout
+    return None
+
+
+def _start_over(folder: Path, layout: Layout) -> None:
+    shutil.rmtree(folder, ignore_errors=True)  # nothing usable: start over
+    (folder / "chunks").mkdir(parents=True)
+    for name in layout:
+        open_array(folder, name, layout, "w+").flush()  # allocates the file at its full size
+    arrays = {n: {"shape": list(s), "dtype": d} for n, (s, d) in layout.items()}
+    first_shape, first_dtype = next(iter(layout.values()))  # readable by a version-1 trunk cache reader too
+    atomic_write_text(folder / "layout.json", json.dumps({"shape": list(first_shape), "dtype": first_dtype,
+                                                          "arrays": arrays}))  # fmt: skip
+
+
+def ensure_chunked(
+    folder: Path,
+    items: int,
+    layout: Callable[[], Layout],
+    fill: Callable[[range], Mapping[str, np.ndarray]],
+    meta: Mapping[str, Any],
+    what: str,
+    progress: Callable[[int, int], None] | None = None,
+) -> Layout:
+    """Build, resume or repair the chunked arrays in ``folder`` (the caller holds the key's lock).
+
+    ``layout()`` gives the arrays' shapes (called only when there is nothing to resume); ``fill(rows)``
+    computes the rows of every array for one chunk (deterministically: a rebuilt chunk must equal the
+    original). ``meta`` is written, last, to ``meta.json``: the mark of a complete cache.
+    """
+    shapes = _read_layout(folder, items)
+    if shapes is None:
+        shapes = layout()
+        _start_over(folder, shapes)
+    arrays = {name: open_array(folder, name, shapes, "r+") for name in shapes}
+    chunks = -(-items // CHUNK_ITEMS)
+    complete = (folder / "meta.json").exists()
+    todo = [c for c in range(chunks) if not _chunk_ok(folder, arrays, c)]
+    if todo and complete:
+        log.warning("%s %s: %d damaged chunk(s) %s, rebuilding them", what, folder, len(todo), todo[:8])
+    elif todo and len(todo) < chunks:
+        log.info("%s %s: resuming a build (%d of %d chunks left)", what, folder, len(todo), chunks)
+    if todo:
+        with Progress(transient=True) as bar:
+            task = bar.add_task(f"caching {what} ({items} items)", total=len(todo))
+            for done, chunk in enumerate(todo, 1):
+                (folder / "chunks" / f"{chunk:05d}.sha1").unlink(missing_ok=True)
+                rows = range(chunk * CHUNK_ITEMS, min((chunk + 1) * CHUNK_ITEMS, items))
+                values = fill(rows)
+                for name, array in arrays.items():
+                    array[rows.start : rows.stop] = values[name].astype(array.dtype, copy=False)
+                    array.flush()
+                atomic_write_text(folder / "chunks" / f"{chunk:05d}.sha1", _chunk_digest(arrays, chunk))
+                bar.advance(task)
+                if progress is not None:
+                    progress(done, len(todo))
+    del arrays
+    if not complete or todo:
+        arrays_meta = {n: {"shape": list(s), "dtype": d} for n, (s, d) in shapes.items()}
+        first = next(iter(shapes.values()))[0]
+        record = {**meta, "shape": list(first), "arrays": arrays_meta}
+        atomic_write_text(folder / "meta.json", json.dumps(record, indent=1))
+    return shapes
+
+
+# --- the trunk cache -------------------------------------------------------------------------------------
 def _views_of(dataset: FashionDataset, rows: range, view: int, transform: Any, seed: int) -> torch.Tensor:
     """uint8 ``[B,3,h,w]`` images of ``rows``: native for view 0 without a transform, else augmented (seeded)."""
     reseed = getattr(transform, "set_random_seed", None)
@@ -127,15 +222,19 @@ def _views_of(dataset: FashionDataset, rows: range, view: int, transform: Any, s
     return torch.from_numpy(np.stack(images))
 
 
-def _fill_chunk(array: np.memmap, dataset: FashionDataset, encoder: TrunkEncoder, chunk: int, transform: Any,
-                seed: int, batch_size: int) -> None:  # fmt: skip
-    start, stop = chunk * CHUNK_ITEMS, min((chunk + 1) * CHUNK_ITEMS, len(dataset))
-    for view in range(array.shape[1]):
-        for lo in range(start, stop, batch_size):
-            rows = range(lo, min(lo + batch_size, stop))
+def _fill_views(dataset: FashionDataset, encoder: TrunkEncoder, rows: range, views: int, transform: Any,
+                seed: int, batch_size: int) -> dict[str, np.ndarray]:  # fmt: skip
+    out: np.ndarray | None = None
+    for view in range(views):
+        for lo in range(rows.start, rows.stop, batch_size):
+            batch = range(lo, min(lo + batch_size, rows.stop))
             with torch.no_grad():
-                out = encoder(_views_of(dataset, rows, view, transform, seed))
-            array[rows.start : rows.stop, view] = out.float().cpu().numpy().astype(array.dtype)
+                acts = encoder(_views_of(dataset, batch, view, transform, seed)).float().cpu().numpy()
+            if out is None:
+                out = np.empty((len(rows), views, *acts.shape[1:]), dtype=np.float32)
+            out[lo - rows.start : batch.stop - rows.start, view] = acts
+    assert out is not None  # rows is never empty
+    return {"activations": out}
 
 
 def ensure_trunk_cache(
@@ -161,65 +260,21 @@ def ensure_trunk_cache(
     root = Path(cache_dir).expanduser() / "trunk"
     key = trunk_cache_key(dataset, encoder, views, dtype, transform, seed)
     folder = root / key
+
+    def layout() -> Layout:
+        with torch.no_grad():
+            probe = encoder(_views_of(dataset, range(1), 0, None, 0))
+        return {"activations": ((len(dataset), views, *(int(v) for v in probe.shape[1:])), dtype)}
+
+    def fill(rows: range) -> dict[str, np.ndarray]:
+        return _fill_views(dataset, encoder, rows, views, transform, seed, batch_size)
+
+    meta = {"version": TRUNK_CACHE_VERSION, "dtype": dtype, "items": len(dataset), "chunk_items": CHUNK_ITEMS,
+            "encoder": encoder.fingerprint, "augmented": transform is not None}  # fmt: skip
     with _locked(root / f"{key}.lock"):
-        shape = _prepare(folder, dataset, encoder, views, dtype)
-        cache = TrunkCache(folder, shape, dtype)
-        array = cache.open("r+")
-        chunks = -(-len(dataset) // CHUNK_ITEMS)
-        complete = (folder / "meta.json").exists()
-        todo = [c for c in range(chunks) if not _chunk_ok(folder, array, c)]
-        if todo and complete:
-            log.warning("trunk cache %s: %d damaged chunk(s) %s, rebuilding them", folder, len(todo), todo[:8])
-        elif todo and len(todo) < chunks:
-            log.info("trunk cache %s: resuming a build (%d of %d chunks left)", folder, len(todo), chunks)
-        if todo:
-            _build_chunks(folder, array, dataset, encoder, todo, transform, seed, batch_size, progress)
-        del array
-        if not complete or todo:
-            meta = {"version": TRUNK_CACHE_VERSION, "shape": list(shape), "dtype": dtype, "items": len(dataset),
-                    "chunk_items": CHUNK_ITEMS, "encoder": encoder.fingerprint,
-                    "augmented": transform is not None}  # fmt: skip
-            atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1))
-    return cache
-
-
-def _prepare(folder: Path, dataset: FashionDataset, encoder: TrunkEncoder, views: int, dtype: str) -> tuple[int, ...]:
-    """The array's shape, from the folder's ``layout.json`` (a build to resume) or a probe of the encoder."""
-    layout_path = folder / "layout.json"
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        shape = tuple(int(v) for v in json.loads(layout_path.read_text())["shape"])
-        expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        if (
-            len(shape) == 5
-            and shape[:2] == (len(dataset), views)
-            and (folder / "activations.bin").stat().st_size == expected
-        ):
-            return shape
-    shutil.rmtree(folder, ignore_errors=True)  # nothing usable: start over
-    (folder / "chunks").mkdir(parents=True)
-    with torch.no_grad():
-        probe = encoder(_views_of(dataset, range(1), 0, None, 0))
-    shape = (len(dataset), views, *(int(v) for v in probe.shape[1:]))
-    array = np.memmap(folder / "activations.bin", dtype=dtype, mode="w+", shape=shape)
-    del array
-    atomic_write_text(layout_path, json.dumps({"shape": list(shape), "dtype": dtype}))
-    return shape
-
-
-def _build_chunks(folder: Path, array: np.memmap, dataset: FashionDataset, encoder: TrunkEncoder, todo: list[int],
-                  transform: Any, seed: int, batch_size: int,
-                  progress: Callable[[int, int], None] | None) -> None:  # fmt: skip
-    views = array.shape[1]
-    with Progress(transient=True) as bar:
-        task = bar.add_task(f"caching trunk activations ({views} view(s) x {len(dataset)} items)", total=len(todo))
-        for done, chunk in enumerate(todo, 1):
-            (folder / "chunks" / f"{chunk:05d}.sha1").unlink(missing_ok=True)
-            _fill_chunk(array, dataset, encoder, chunk, transform, seed, batch_size)
-            array.flush()
-            atomic_write_text(folder / "chunks" / f"{chunk:05d}.sha1", _chunk_digest(array, chunk))
-            bar.advance(task)
-            if progress is not None:
-                progress(done, len(todo))
+        shapes = ensure_chunked(folder, len(dataset), layout, fill, meta, "trunk activations", progress)
+    shape = shapes["activations"][0]
+    return TrunkCache(folder, shape, dtype)
 
 
 def view_for(seed: int, index: int, views: int) -> int:
