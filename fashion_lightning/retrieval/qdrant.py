@@ -456,7 +456,12 @@ class QdrantIndex(LoadedIndex):
         return self._search_store(query, k, where.filters, excluded, self.groups)
 
     def _search_store(
-        self, query: np.ndarray, k: int, filters: Mapping[str, Sequence[str]], excluded: np.ndarray, groups: Any
+        self,
+        query: np.ndarray,
+        k: int,
+        filters: Mapping[str, Sequence[str]],
+        excluded: np.ndarray,
+        groups: np.ndarray | None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` rows matching ``filters`` minus ``excluded`` rows, one row per ``groups`` value; widens
         4x until ``k`` groups survive or the collection has no more matches (as ``search_filtered``)."""
