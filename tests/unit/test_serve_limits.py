@@ -212,9 +212,8 @@ def test_decode_budget_bounds_bytes_in_flight(client):
 
 
 def _budget_of(client) -> DecodeBudget:
-    route = next(r for r in client.app.routes if getattr(r, "path", "") == "/recommend/image")
-    closure = {c.cell_contents for c in route.endpoint.__closure__ or () if isinstance(c.cell_contents, object)}
-    decode = next(c for c in closure if getattr(c, "func", None) is decode_native)
+    decode = client.app.state.serve.decode  # the app's one ServeState (serve/state.py), not a route's closure
+    assert decode.func is decode_native
     return decode.keywords["budget"]
 
 
