@@ -46,6 +46,7 @@ from fashion_lightning.models.losses import (
 )
 from fashion_lightning.models.optim import configure, split_optimizer_config
 from fashion_lightning.models.preprocess import DeviceInput
+from fashion_lightning.models.text_trunk import attach_text_cache, cached_text_embedding, text_split
 
 if TYPE_CHECKING:
     from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
@@ -89,6 +90,7 @@ class ClipFusionModule(FashionModule):
         channels_last: bool = False,
         ema: Mapping[str, Any] | float | None = None,
         compile: bool | Mapping[str, Any] = False,
+        cache_text: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -132,13 +134,14 @@ class ClipFusionModule(FashionModule):
         self._class_text: dict[str, torch.Tensor] | None = None
         self._text_cache: dict[str, torch.Tensor] = {}  # locked text tower only (see _train_text_embedding)
         self._new_param_names = self._parameters_without_pretraining()
+        self.text_split = text_split(self.net, cache_text)  # model.cache_text: frozen, cached lower text layers
 
     # --- configuration -----------------------------------------------------------------------
     @classmethod
     def inference_overrides(cls, hparams: Mapping[str, Any]) -> dict[str, Any]:
         """Rebuild the net without pretrained weights: the checkpoint's state dict fills it."""
         net = hparams.get("net")
-        overrides: dict[str, Any] = {"compile": False}  # eval / index compile only when asked
+        overrides: dict[str, Any] = {"compile": False, "cache_text": None}  # the text cut is a training detail
         if net:
             overrides["net"] = {**net, "pretrained": None}
         return overrides
@@ -186,6 +189,7 @@ class ClipFusionModule(FashionModule):
 
     def setup(self, stage: str) -> None:
         self.clip_loss = None  # rebuilt for this trainer's world size
+        attach_text_cache(self)  # model.cache_text: the datamodule adds cached token states to the batches
 
     def _contrastive(
         self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, batch: Mapping[str, Any]
@@ -336,7 +340,7 @@ class ClipFusionModule(FashionModule):
             image = self._image_embedding(batch["image"])
         total = image.new_zeros(())
         if finetune and self.hparams.contrastive_weight > 0:
-            text = self._train_text_embedding(batch["text"])
+            text = self._batch_text_embedding(batch)
             scale = self.net.scale()
             contrastive = self._contrastive(image, text, scale, batch)
             total = total + self.hparams.contrastive_weight * contrastive
@@ -359,9 +363,16 @@ class ClipFusionModule(FashionModule):
         for what the fused vector serves, recommending products of the same kind."""
         if "articleType" not in self.vocabs.tasks:
             raise ValueError("fusion_weight > 0 needs the articleType task in the vocabulary")
-        text = self._train_text_embedding(batch["text"])
+        text = self._batch_text_embedding(batch)
         groups = batch["labels"][:, self.vocabs.tasks.index("articleType")]
         return supervised_contrastive(self.fuse(image, text), groups, self.net.scale().detach())
+
+    def _batch_text_embedding(self, batch: Mapping[str, Any], train: bool = True) -> torch.Tensor:
+        """From the batch's cached token states (``model.cache_text``), else from its titles."""
+        cached = cached_text_embedding(self, batch)
+        if cached is not None:
+            return cached
+        return self._train_text_embedding(batch["text"]) if train else self._text_embedding(batch["text"])
 
     def _train_text_embedding(self, texts: Sequence[str]) -> torch.Tensor:
         """Text embeddings for the loss; a fully locked text tower is a fixed function, so its
@@ -388,7 +399,7 @@ class ClipFusionModule(FashionModule):
 
     def _eval_step(self, batch: Mapping[str, Any], stage: str) -> dict[str, Any]:
         image = self._image_embedding(batch["image"]).float()
-        text = self._text_embedding(batch["text"]).float()
+        text = self._batch_text_embedding(batch, train=False).float()
         bs = len(batch["id"])
         scale = self.net.scale()
         loss = self._contrastive(image, text, scale, batch) if len(image) > 1 else image.new_zeros(())
