@@ -131,6 +131,10 @@ def text_split(net: ClipFusionNet, options: Mapping[str, Any] | None) -> TextSpl
     if "layer" not in options:
         raise ValueError("cache_text needs a layer (the text transformer layer below which the tower is frozen)")
     split = TextSplit(getattr(net.model, "text", None) or net.model, int(options["layer"]))
+    opened = sum(p.numel() for m in split.lower_modules for p in m.parameters() if p.requires_grad)
+    if opened:  # e.g. unlock_last_n re-opened a layer below the cut: the cut wins, say so
+        log.warning("cache_text.layer=%d freezes %d text-tower weights that the lock settings would train",
+                    split.layer, opened)  # fmt: skip
     split.freeze_lower()
     return split
 

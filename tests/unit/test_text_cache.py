@@ -247,3 +247,23 @@ def test_cached_training_equals_uncached_training_step_by_step(synthetic_dm_kwar
     top = "net.model.text.transformer.encoder.layer.5.output.dense.weight"
     assert not torch.equal(state[top], initial[top])  # the layer above it trained
     assert cached[-1] < cached[0]
+
+
+def test_clip_recipe_caches_the_locked_text_layers(tmp_path: Path) -> None:
+    from hydra.utils import instantiate
+
+    from fashion_lightning.models.base import checked_hparams, plain
+    from hydra_helpers import make_cfg
+
+    cfg = make_cfg("train", tmp_path / "run", tmp_path / "cache", ["experiment=clip_offline_finetune", "data.root=/x"])
+    assert cfg.model.cache_text.layer == 6 - cfg.model.net.unlock_last_n  # exactly the layers the lock freezes
+    tasks = ("articleType", "baseColour", "gender", "masterCategory", "season", "subCategory")
+    module = instantiate(cfg.model, vocabs={task: ["a", "b"] for task in tasks})
+    text = module.net.model.text.transformer
+    assert module.text_split is not None and module.text_split.layer == 5
+    assert not any(p.requires_grad for p in text.encoder.layer[4].parameters())
+    assert all(p.requires_grad for p in text.encoder.layer[5].parameters())
+    assert checked_hparams("clip", plain(dict(module.hparams)), "recipe")["cache_text"] == {
+        "layer": 5,
+        "dtype": "float16",
+    }
