@@ -1,5 +1,10 @@
 """Cached partial trunk vs uncached training, same data, same machine, same run: cache build cost and step time.
 
+``--family multitask`` (default) benches ``model.cache_trunk``; ``--family clip`` benches ``model.cache_text`` on
+the ``clip_offline_finetune`` recipe (its config, composed with Hydra): the same recipe's training step with the
+text tower's lower layers read from the text cache vs run on every title, timed alternately ``--rounds`` times
+(a shared machine's load drifts) and reported as the median ratio.
+
 For each ``--cuts`` value it builds the train split's trunk cache (``--views`` augmented views per item) and times
 Lightning training steps that read it; the baseline is the same network fine-tuned end to end from images
 (``cache_trunk: null``), timed first in the same process. Reported as ratios against that baseline: step speedup,
@@ -8,6 +13,8 @@ item and view is measured; the full-catalog figure is that times the split size.
 
     python scripts/bench_trunk_cache.py --root ../shared/data/fashion-product-images-small-dev.zip \\
         --max-items 300 --cuts 4 5 6 --views 2 --steps 3
+    python scripts/bench_trunk_cache.py --family clip --root ../shared/data/fashion-product-images-small-dev.zip \\
+        --max-items 300 --text-layers 5 --batch-size 32 --steps 4 --rounds 2
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -63,8 +72,97 @@ def time_steps(module: MultiTaskModule, dm: FashionDataModule, args) -> float:
     return timer.seconds_per_image
 
 
+def clip_recipe(args, text_layer: int | None):
+    """``clip_offline_finetune`` as shipped (datamodule + module configs), with ``cache_text`` set or off."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    cache = "null" if text_layer is None else f"{{layer:{text_layer},dtype:{args.dtype}}}"
+    overrides = [f"experiment={args.experiment}", f"data.root={Path(args.root).expanduser().resolve()}",
+                 f"data.max_items={args.max_items}", f"data.batch_size={args.batch_size}", "data.num_workers=0",
+                 f"++model.cache_text={cache}"]  # fmt: skip
+    GlobalHydra.instance().clear()
+    with initialize_config_module("fashion_lightning.conf", version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir, cfg.paths.cache_dir = tempfile.mkdtemp(prefix="bench-text-"), args.cache_dir
+        del cfg.hydra
+    return cfg
+
+
+def bench_clip(args) -> None:
+    """Step time of the CLIP recipe with the text cache at each ``--text-layers`` L vs without it."""
+    from hydra.utils import instantiate
+
+    from fashion_lightning.models.text_trunk import TextEncoder
+
+    base = clip_recipe(args, None)
+    dm: FashionDataModule = instantiate(base.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    n_train = len(dm.datasets["train"])
+    use_text_cache = dm.use_text_cache
+
+    def module_for(layer: int | None):
+        torch.manual_seed(0)
+        return instantiate(clip_recipe(args, layer).model, vocabs=dm.vocabs, class_weights=dm.class_weights)
+
+    def timed(layer: int | None) -> float:
+        module = module_for(layer)
+        dm.use_text_cache = use_text_cache if layer is not None else (lambda *a, **k: None)  # type: ignore[method-assign]
+        if layer is None:
+            dm._text = None
+        return time_steps(module, dm, args)
+
+    load = os.getloadavg()
+    results: dict = {"family": "clip", "experiment": args.experiment, "train_items": n_train,
+                     "titles": len({t for d in dm.datasets.values() for t in d.texts}), "batch_size": args.batch_size,
+                     "machine": f"{os.cpu_count()} CPU(s), load {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at start",
+                     "layers": {}}  # fmt: skip
+    for layer in args.text_layers:
+        module = module_for(layer)
+        start = time.perf_counter()
+        dm.use_text_cache(TextEncoder(module.net, module.text_split), args.dtype)
+        cache = dm.text_cache()
+        build = time.perf_counter() - start
+        uncached, cached = [], []
+        for _ in range(args.rounds):  # alternate: load drift on a shared machine hits both sides
+            uncached.append(timed(None))
+            cached.append(timed(layer))
+        u, c = statistics.median(uncached), statistics.median(cached)
+        results["layers"][layer] = {
+            "uncached_s_per_image": u, "cached_s_per_image": c, "step_speedup": u / c,
+            "step_speedups": [a / b for a, b in zip(uncached, cached)],
+            "cache_mb": cache.nbytes / 1e6, "kb_per_title": cache.nbytes / len(cache.titles) / 1024,
+            "build_s_per_title": build / len(cache.titles), "build_in_uncached_epochs": build / (u * n_train),
+            "break_even_epochs": build / max((u - c) * n_train, 1e-9),
+        }  # fmt: skip
+        print(json.dumps({"layer": layer, **results["layers"][layer]}), flush=True)
+    load = os.getloadavg()
+    results["machine"] += f", {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at end"
+    table = Table(title=f"{args.experiment}: text cache vs whole text tower ({results['machine']}; {n_train} train "
+                        f"items, {results['titles']} titles, batch {args.batch_size})")  # fmt: skip
+    for column in ("layer", "KB/title", "step speedup (per round)", "build (uncached epochs)", "break-even epochs"):
+        table.add_column(column, justify="right")
+    for layer, row in results["layers"].items():
+        rounds = ", ".join(f"{v:.2f}" for v in row["step_speedups"])
+        table.add_row(str(layer), f"{row['kb_per_title']:.1f}", f"{row['step_speedup']:.2f}x ({rounds})",
+                      f"{row['build_in_uncached_epochs']:.2f}", f"{row['break_even_epochs']:.2f}")  # fmt: skip
+    Console().print(table)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=("multitask", "clip"), default="multitask")
+    parser.add_argument("--experiment", default="clip_offline_finetune", help="--family clip: the recipe")
+    parser.add_argument("--text-layers", type=int, nargs="+", default=[5], help="--family clip: cache_text layers")
+    parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    parser.add_argument("--rounds", type=int, default=2, help="--family clip: alternating timing rounds")
     parser.add_argument("--root", default="../shared/data/fashion-product-images-small-dev.zip")
     parser.add_argument("--max-items", type=int, default=300)
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
@@ -80,6 +178,9 @@ def main() -> None:
     args = parser.parse_args()
     if not Path(args.root).expanduser().exists():
         parser.exit(2, f"bench_trunk_cache: no catalog at {args.root}\n")
+    if args.family == "clip":
+        bench_clip(args)
+        return
 
     dm = FashionDataModule(root=args.root, max_items=args.max_items, cache_dir=args.cache_dir, num_workers=0,
                            batch_size=args.batch_size, train_transform=default_train_transform())  # fmt: skip

@@ -29,6 +29,7 @@ from fashion_lightning.data.images import NATIVE_HW
 from fashion_lightning.data.sampling import EpochShuffleSampler, GroupedShuffleSampler
 from fashion_lightning.data.schema import ALL_TASKS, TASKS
 from fashion_lightning.data.splits import SPLITS, load_splits, save_splits, stratified_split
+from fashion_lightning.data.text_cache import CachedTextDataset, TextCache, TextEncoder, ensure_text_cache
 from fashion_lightning.data.trunk_cache import CachedTrunkDataset, TrunkEncoder, ensure_trunk_cache
 from fashion_lightning.data.vocab import LabelVocabs
 
@@ -104,6 +105,8 @@ class FashionDataModule(L.LightningDataModule):
         self.epoch = 0  # the epoch the next train pass shuffles by (EpochShuffleSampler; set by EpochSeed)
         self._trunk: tuple[TrunkEncoder, int, str] | None = None  # set by a model with cache_trunk
         self._trunk_datasets: dict[str, CachedTrunkDataset] = {}
+        self._text: tuple[TextEncoder, str] | None = None  # set by a CLIP model with cache_text
+        self._text_cache: TextCache | None = None
 
     # -- preparation ----------------------------------------------------------------------
     def catalog_root(self) -> Path:
@@ -266,9 +269,36 @@ class FashionDataModule(L.LightningDataModule):
             self._trunk_datasets[name] = CachedTrunkDataset(cache, items)
         return self._trunk_datasets[name]
 
+    # -- cached lower text layers (CLIP) ---------------------------------------------------
+    def use_text_cache(self, encoder: TextEncoder, dtype: str = "float16") -> None:
+        """Add the token states of each item's title at the model's text cut to train/val/test batches
+        (``model.cache_text``); one cache over the unique titles of every split, built when first needed."""
+        if self._text is None or (self._text[0].fingerprint, self._text[1]) != (encoder.fingerprint, dtype):
+            self._text_cache = None
+        self._text = (encoder, dtype)
+
+    def text_cache(self) -> TextCache:
+        if self._text is None:
+            raise RuntimeError("use_text_cache() has not been called")
+        if self._text_cache is None:
+            encoder, dtype = self._text
+            titles = sorted({t for dataset in self.datasets.values() for t in dataset.texts})
+            self._text_cache = ensure_text_cache(
+                titles,
+                encoder,
+                self.cache_dir,
+                dtype,
+                batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
+            )
+            log.info("text cache: %s, %d titles, %.1f MB", self._text_cache.path, len(self._text_cache.titles),
+                     self._text_cache.nbytes / 1e6)  # fmt: skip
+        return self._text_cache
+
     # -- loaders --------------------------------------------------------------------------
     def _loader(self, name: str, train: bool = False, cached: bool = True) -> DataLoader:
         dataset: Any = self.trunk_dataset(name, train) if cached and self._trunk is not None else self.datasets[name]
+        if cached and self._text is not None:
+            dataset = CachedTextDataset(dataset, self.text_cache(), self.datasets[name].texts)
         workers = self.hparams.num_workers
         batch = self.hparams.batch_size if train else (self.hparams.eval_batch_size or self.hparams.batch_size)
         sampler: EpochShuffleSampler | None = None

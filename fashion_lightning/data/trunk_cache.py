@@ -87,7 +87,7 @@ def trunk_cache_key(dataset: FashionDataset, encoder: TrunkEncoder, views: int, 
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
     """An exclusive lock file (one builder per key; a second waits and then finds the cache built)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
@@ -271,7 +271,7 @@ def ensure_trunk_cache(
 
     meta = {"version": TRUNK_CACHE_VERSION, "dtype": dtype, "items": len(dataset), "chunk_items": CHUNK_ITEMS,
             "encoder": encoder.fingerprint, "augmented": transform is not None}  # fmt: skip
-    with _locked(root / f"{key}.lock"):
+    with locked(root / f"{key}.lock"):
         shapes = ensure_chunked(folder, len(dataset), layout, fill, meta, "trunk activations", progress)
     shape = shapes["activations"][0]
     return TrunkCache(folder, shape, dtype)

@@ -43,6 +43,7 @@ from fashion_lightning.models.losses import (
     supervised_contrastive,
 )
 from fashion_lightning.models.preprocess import DeviceInput
+from fashion_lightning.models.text_trunk import attach_text_cache, cached_text_embedding, text_split
 
 MODES = ("frozen", "finetune")
 LOSSES = ("infonce", "siglip")
@@ -82,6 +83,7 @@ class ClipFusionModule(FashionModule):
         channels_last: bool = False,
         ema: Mapping[str, Any] | float | None = None,
         compile: bool | Mapping[str, Any] = False,
+        cache_text: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -113,8 +115,13 @@ class ClipFusionModule(FashionModule):
         self._class_text: dict[str, torch.Tensor] | None = None
         self._text_cache: dict[str, torch.Tensor] = {}  # locked text tower only (see _train_text_embedding)
         self._new_param_names = self._parameters_without_pretraining()
+        self.text_split = text_split(self.net, cache_text)  # model.cache_text: frozen, cached lower text layers
 
     # --- configuration -----------------------------------------------------------------------
+    @classmethod
+    def inference_overrides(cls, hparams: Mapping[str, Any]) -> dict[str, Any]:
+        return {**super().inference_overrides(hparams), "cache_text": None}  # the text cut is a training detail
+
     def compiled_parts(self) -> list[nn.Module]:
         """Both towers."""
         return [t for t in (self.net.visual, getattr(self.net.model, "text", None)) if t is not None]
@@ -150,6 +157,7 @@ class ClipFusionModule(FashionModule):
 
     def setup(self, stage: str) -> None:
         self.clip_loss = None  # rebuilt for this trainer's world size
+        attach_text_cache(self)  # model.cache_text: the datamodule adds cached token states to the batches
 
     def _contrastive(
         self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, batch: Mapping[str, Any]
@@ -300,7 +308,7 @@ class ClipFusionModule(FashionModule):
             image = self._image_embedding(batch["image"])
         total = image.new_zeros(())
         if finetune and self.hparams.contrastive_weight > 0:
-            text = self._train_text_embedding(batch["text"])
+            text = self._batch_text_embedding(batch)
             scale = self.net.scale()
             contrastive = self._contrastive(image, text, scale, batch)
             total = total + self.hparams.contrastive_weight * contrastive
@@ -323,9 +331,16 @@ class ClipFusionModule(FashionModule):
         for what the fused vector serves, recommending products of the same kind."""
         if "articleType" not in self.vocabs.tasks:
             raise ValueError("fusion_weight > 0 needs the articleType task in the vocabulary")
-        text = self._train_text_embedding(batch["text"])
+        text = self._batch_text_embedding(batch)
         groups = batch["labels"][:, self.vocabs.tasks.index("articleType")]
         return supervised_contrastive(self.fuse(image, text), groups, self.net.scale().detach())
+
+    def _batch_text_embedding(self, batch: Mapping[str, Any], train: bool = True) -> torch.Tensor:
+        """From the batch's cached token states (``model.cache_text``), else from its titles."""
+        cached = cached_text_embedding(self, batch)
+        if cached is not None:
+            return cached
+        return self._train_text_embedding(batch["text"]) if train else self._text_embedding(batch["text"])
 
     def _train_text_embedding(self, texts: Sequence[str]) -> torch.Tensor:
         """Text embeddings for the loss; a fully locked text tower is a fixed function, so its
@@ -352,7 +367,7 @@ class ClipFusionModule(FashionModule):
 
     def eval_step(self, batch: Mapping[str, Any], stage: str) -> dict[str, Any]:
         image = self._image_embedding(batch["image"]).float()
-        text = self._text_embedding(batch["text"]).float()
+        text = self._batch_text_embedding(batch, train=False).float()
         bs = len(batch["id"])
         scale = self.net.scale()
         loss = self._contrastive(image, text, scale, batch) if len(image) > 1 else image.new_zeros(())

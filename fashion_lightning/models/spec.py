@@ -163,6 +163,13 @@ class CacheTrunkSpec(_Spec):
     dtype: Literal["float16", "float32"] = "float16"
 
 
+class CacheTextSpec(_Spec):
+    """``model.cache_text`` (CLIP): freeze the text tower below transformer layer ``layer``, cache its token states."""
+
+    layer: Annotated[int, Field(ge=0, le=64)]
+    dtype: Literal["float16", "float32"] = "float16"
+
+
 Vocabs = dict[Identifier, Annotated[list[Label], Field(min_length=1, max_length=100_000)]]
 TaskWeights = dict[Identifier, Annotated[float, Field(ge=0.0)]]
 Prompts = Annotated[list[Text], Field(min_length=1, max_length=32)]  # a zero-shot prompt ensemble
@@ -240,6 +247,7 @@ class ClipFusionModuleSpec(_ModuleSpec):
     kagl: bool = True
     kagl_max_queries: Annotated[int, Field(ge=1)] | None = 2000
     channels_last: bool = False
+    cache_text: CacheTextSpec | None = None
 
 
 SPECS: dict[str, type[_ModuleSpec]] = {"multitask": MultiTaskModuleSpec, "clip": ClipFusionModuleSpec}
