@@ -222,7 +222,7 @@ def _fit(dm_kwargs: dict, cache: bool) -> tuple[list[float], ClipFusionModule, F
         dm.use_text_cache = lambda *args, **kwargs: None  # type: ignore[method-assign]  # serve titles only
     module = ClipFusionModule(NET, dm.vocabs, dm.class_weights, heads=True, kagl=False,
                               cache_text={"layer": 5, "dtype": "float32"},
-                              optimizer={"lr": 1e-3, "new_lr": 1e-2})  # fmt: skip
+                              optimizer={"lr": 1e-3}, param_groups={"new_lr": 1e-2})  # fmt: skip
     initial = {k: v.clone() for k, v in module.state_dict().items()}
     record = StepLosses()
     trainer = L.Trainer(
