@@ -128,6 +128,10 @@ def test_static_int8_calibrates_on_catalog_photos(work, tmp_path):
     int8 = json.loads((export(cfg) / "manifest.json").read_text())["int8"]
     assert int8["method"] == "static" and int8["calibration_items"] == 32
     assert 0.5 <= int8["report"]["overlap_at_10"] <= 1
+    # the 8 layers kept fp32 are the most sensitive of the graph's convolutions, ranked on calibration photos
+    kept = [layer["sensitivity"] for layer in int8["kept_fp32"]]
+    assert int8["keep_fp32"] == 8 and len(kept) == 8 and kept == sorted(kept, reverse=True) and kept[0] > 0
+    assert int8["sensitivity_items"] == 32
 
 
 def test_clip_export_checks_image_and_text_towers(work, clip):
