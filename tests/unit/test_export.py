@@ -368,6 +368,34 @@ def test_serve_with_onnx_workers_matches_pytorch(work, tmp_path):
         assert ours["query"]["predicted"] == theirs["query"]["predicted"]
 
 
+def test_serve_with_onnx_in_the_server_threads_matches_pytorch(work, tmp_path):
+    """inference=thread: the graph runs in the request threads (ONNX Runtime releases the GIL), through the
+    encoder's pass combiner, with the PyTorch answers for photos sent at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from fashion_lightning.serve.cli import build
+
+    photos = sorted((work.catalog / "images").glob("*.jpg"))[:6]
+    answers = {}
+    for runtime in ("torch", "onnx"):
+        cfg = make_cfg("serve", tmp_path / runtime, work.cache, [
+            f"index_dir={work.index}", f"runtime={runtime}", f"onnx_dir={work.onnx}", "inference=thread",
+        ])  # fmt: skip
+        with TestClient(build(cfg)) as client:
+
+            def ask(photo: Path, client: TestClient = client) -> dict:
+                files = {"photo": (photo.name, photo.read_bytes(), "image/jpeg")}
+                return client.post("/recommend/image", files=files, data={"k": "10"}).json()
+
+            with ThreadPoolExecutor(len(photos)) as clients:
+                answers[runtime] = list(clients.map(ask, photos))
+    for ours, theirs in zip(answers["onnx"], answers["torch"]):
+        assert [r["id"] for r in ours["results"]] == [r["id"] for r in theirs["results"]]
+        assert ours["query"]["predicted"] == theirs["query"]["predicted"]
+
+
 def test_a_graph_pointing_at_external_files_is_refused_before_onnx_runtime(work, tmp_path):
     """Whoever edits a folder can re-sign its manifest; a graph whose weights name a file elsewhere (ONNX external
     data) must still never make the runtime read that file (issue 19's rule for files from elsewhere)."""
