@@ -245,6 +245,15 @@ def test_apps_refuse_damaged_exports_with_one_line(work, tmp_path):
     assert done.returncode == 2 and "embed_dim must be an integer" in output and "Traceback" not in output
 
 
+@pytest.mark.parametrize("value", ["-1", "eight", "1.5"])
+def test_a_bad_keep_fp32_is_one_line_before_any_work(work, tmp_path, value):
+    done = _cli("fashion_lightning.export", f"ckpt_path={work.model}", "quantize=static", f"keep_fp32={value}", *DATA,
+                tmp_path=tmp_path)  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == 2 and "keep_fp32=" in output and "whole number >= 0" in output, output[-2000:]
+    assert "Traceback" not in output and not (tmp_path / "run" / "onnx").exists()
+
+
 def test_missing_onnxruntime_is_one_line_naming_the_extra(work, tmp_path):
     code = "import sys; sys.modules['onnxruntime'] = None; sys.argv[0] = 'fashion-recommend'; " \
            "from fashion_lightning.recommend import main; main()"  # fmt: skip
