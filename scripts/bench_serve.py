@@ -15,7 +15,10 @@ machine's cores: on a small box the generator's own CPU time is part of the meas
 
 ``--runtimes torch,onnx`` runs the same requests against one server per runtime (``runtime=onnx
 onnx_dir=...`` for the ONNX Runtime encoder of a fashion-export folder), one after the other in this run, and
-ends with the ratio of each runtime's p50 / p99 to the first one's.
+ends with the ratio of each runtime's p50 / p99 to the first one's. An ONNX runtime takes modifiers:
+``onnx+int8`` serves the export's int8 graph (``onnx_precision=int8``), ``onnx+thread`` runs the graph in the
+server's own threads (``inference=thread``: ONNX Runtime releases the GIL, concurrent photos share passes)
+instead of worker processes, e.g. ``--runtimes torch,onnx,onnx+thread,onnx+int8+thread``.
 """
 
 from __future__ import annotations
@@ -156,8 +159,9 @@ async def run_load(url: str, requests: list[tuple[str, object]], concurrency: in
 
 
 def in_process_baseline(
-    index_dir: Path, requests: list[tuple[str, object]], per_kind: int, onnx_dir: Path | None = None
-) -> dict[str, float]:
+    index_dir: Path, requests: list[tuple[str, object]], per_kind: int, onnx_dir: Path | None = None,
+    precision: str = "fp32",
+) -> dict[str, float]:  # fmt: skip
     """p50 of the same queries answered by Recommender directly, one at a time (after one warm-up each)."""
     from fashion_lightning.retrieval import Recommender
 
@@ -166,7 +170,8 @@ def in_process_baseline(
         from fashion_lightning.deploy.onnx_encoder import load_onnx_encoder
 
         identity = recommender.index.model_info.get("model_identity")
-        recommender = Recommender(recommender.index, load_onnx_encoder(onnx_dir, 1, identity=identity))
+        encoder = load_onnx_encoder(onnx_dir, 1, precision, identity=identity)
+        recommender = Recommender(recommender.index, encoder)
     out = {}
     for kind, payload in requests[:3]:  # warm-up: model load, first-call allocations
         if kind == "photo":
@@ -201,14 +206,16 @@ def main() -> None:
     parser.add_argument("--baseline", type=int, default=50, help="in-process queries per kind (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="also write the numbers as JSON here")
-    parser.add_argument("--runtimes", default="torch", help="comma-separated: torch and/or onnx, run in this order")
+    parser.add_argument(
+        "--runtimes", default="torch", help="comma-separated, run in this order: torch, onnx[+int8][+thread]"
+    )
     parser.add_argument("--onnx-dir", type=Path, help="fashion-export folder of the index's model (runtime onnx)")
     parser.add_argument("server_overrides", nargs="*", help="fashion-serve overrides, e.g. torch_threads=1")
     args = parser.parse_args()
     runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
-    if not runtimes or set(runtimes) - {"torch", "onnx"}:
-        raise SystemExit(f"--runtimes: torch and/or onnx, got {args.runtimes!r}")
-    if "onnx" in runtimes and args.onnx_dir is None:
+    if not runtimes or any(runtime_overrides(r, Path(".")) is None for r in runtimes):
+        raise SystemExit(f"--runtimes: torch or onnx[+int8][+thread], comma-separated; got {args.runtimes!r}")
+    if any(r.startswith("onnx") for r in runtimes) and args.onnx_dir is None:
         raise SystemExit("--runtimes onnx needs --onnx-dir (a fashion-export folder of the index's model)")
     from threadpoolctl import threadpool_limits
 
@@ -225,7 +232,7 @@ def main() -> None:
                 ref = reports[first]["kinds"].get(kind)
                 if ref:
                     print(
-                        f"  {runtime:6} {kind:8} p50 x{stats['p50_ms'] / ref['p50_ms']:.2f}  "
+                        f"  {runtime:18} {kind:8} p50 x{stats['p50_ms'] / ref['p50_ms']:.2f}  "
                         f"p99 x{stats['p99_ms'] / ref['p99_ms']:.2f}  server p50 x"
                         f"{stats['server_p50_ms'] / ref['server_p50_ms']:.2f}"
                     )
@@ -235,11 +242,23 @@ def main() -> None:
         raise SystemExit(1)
 
 
+def runtime_overrides(runtime: str, onnx_dir: Path | None) -> list[str] | None:
+    """fashion-serve overrides of a ``--runtimes`` entry (None: not one)."""
+    base, *modifiers = runtime.split("+")
+    if base == "torch" and not modifiers:
+        return []  # the server's default
+    if base != "onnx" or len(set(modifiers)) != len(modifiers) or set(modifiers) - {"int8", "thread"}:
+        return None
+    extra = {"int8": "onnx_precision=int8", "thread": "inference=thread"}
+    return ["runtime=onnx", f"onnx_dir={onnx_dir}", *(extra[m] for m in modifiers)]
+
+
 def bench_runtime(args: argparse.Namespace, runtime: str, warmup: list, requests: list) -> dict:
     """One server with ``runtime`` under the load; prints its table and returns its numbers."""
-    onnx_dir = args.onnx_dir if runtime == "onnx" else None
-    overrides = [*args.server_overrides, *(["runtime=onnx", f"onnx_dir={onnx_dir}"] if onnx_dir else [])]
-    baseline = in_process_baseline(args.index, requests, args.baseline, onnx_dir) if args.baseline else {}
+    onnx_dir = args.onnx_dir if runtime.startswith("onnx") else None
+    overrides = [*args.server_overrides, *(runtime_overrides(runtime, onnx_dir) or [])]
+    precision = "int8" if "+int8" in runtime else "fp32"
+    baseline = in_process_baseline(args.index, requests, args.baseline, onnx_dir, precision) if args.baseline else {}
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as run_dir:

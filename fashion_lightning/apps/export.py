@@ -45,6 +45,9 @@ def export(cfg: DictConfig) -> Path:
     for key in ("check_items", "calibration_items", "report_items"):
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]!r}: must be a whole number >= 1")
+    keep = cfg.get("keep_fp32")
+    if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 0):
+        raise ConfigError(f"keep_fp32={keep!r}: must be a whole number >= 0")
     require("onnx")
     require("onnxruntime")
     L.seed_everything(cfg.seed, workers=True)
@@ -67,7 +70,15 @@ def export(cfg: DictConfig) -> Path:
             calibration = sample_from_loader(DataLoader(Subset(train, rows.tolist()), batch_size=64),
                                              len(rows)).images  # fmt: skip
     manifest = export_onnx(
-        module, out_dir, model_identity(source, module), sample, cfg.quantize, calibration, report, cfg.threads
+        module,
+        out_dir,
+        model_identity(source, module),
+        sample,
+        cfg.quantize,
+        calibration,
+        report,
+        cfg.threads,
+        cfg.get("keep_fp32"),
     )
     _print_summary(out_dir, manifest, str(datamodule.hparams.split))
     return out_dir

@@ -7,12 +7,21 @@ index build and the worker processes use it where they used a :class:`FashionMod
 
 ``threads`` is ONNX Runtime's intra-op pool per session (the services set it per worker process, so
 workers x threads stays within the cores); inter-op parallelism is off (one graph at a time).
+
+ONNX Runtime releases the GIL for the whole graph run, so in a server's own threads (``fashion-serve
+inference=thread``) a forward pass does not stall searches the way PyTorch eager's module calls do, and no
+worker process (with its pickling and five thread / process hand-offs per call) is needed. Callers that
+arrive while a pass runs are combined into the next one (:class:`Combiner`, up to ``max_batch`` rows): the
+first waiting caller runs it for all, so a lone caller runs its own pass with no hand-off at all.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
+import threading
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +42,70 @@ from fashion_lightning.deploy.bundle import (
 from fashion_lightning.utils.runtime import ENGINES, engine_of
 
 TEXT_BATCH = 256
+MAX_BATCH = 16
 RUNTIMES = ENGINES
+
+
+class Combiner:
+    """Concurrent calls of ``run`` (rows in, a list of row-aligned arrays out) combined into shared passes.
+
+    Leader / follower: a caller queues its rows, then waits for a free pass (``passes`` at once); holding one,
+    it takes every queued call that fits in ``max_batch`` rows (FIFO; a larger call goes alone), runs them as
+    one, and hands each its own rows. A caller whose rows went in someone else's pass just waits for them. A
+    combined pass that fails is run again call by call, so an error reaches only the call that causes it.
+    """
+
+    def __init__(self, run: Callable[[np.ndarray], list[np.ndarray]], max_batch: int = MAX_BATCH, passes: int = 1):
+        self._run = run
+        self.max_batch = max(1, int(max_batch))
+        self._lock = threading.Lock()
+        self._waiting: collections.deque[tuple[np.ndarray, Future[list[np.ndarray]]]] = collections.deque()
+        self._passes = threading.Semaphore(max(1, int(passes)))
+        self.sizes: collections.deque[int] = collections.deque(maxlen=1000)  # rows per pass, recent ones
+
+    def __call__(self, rows: np.ndarray) -> list[np.ndarray]:
+        mine: Future[list[np.ndarray]] = Future()
+        with self._lock:
+            self._waiting.append((rows, mine))
+        while not mine.done():
+            with self._passes:
+                batch = self._take() if not mine.done() else []
+                if batch:
+                    self._serve(batch)
+            if not batch:  # mine is in a pass that another caller runs now
+                break
+        return mine.result()
+
+    def _take(self) -> list[tuple[np.ndarray, Future[list[np.ndarray]]]]:
+        batch: list[tuple[np.ndarray, Future[list[np.ndarray]]]] = []
+        rows = 0
+        with self._lock:
+            while self._waiting and (not batch or rows + len(self._waiting[0][0]) <= self.max_batch):
+                call = self._waiting.popleft()
+                batch.append(call)
+                rows += len(call[0])
+        return batch
+
+    def _serve(self, batch: list[tuple[np.ndarray, Future[list[np.ndarray]]]]) -> None:
+        try:
+            joined = batch[0][0] if len(batch) == 1 else np.concatenate([rows for rows, _ in batch])
+            outputs = self._run(joined)
+        except Exception as err:  # noqa: BLE001 - handed to the callers
+            if len(batch) == 1:
+                batch[0][1].set_exception(err)
+            else:  # one call's rows may be the cause: each goes again alone, so only its own caller fails
+                for call in batch:
+                    self._serve([call])
+            return
+        except BaseException as err:  # interrupted: nobody may wait for rows that never come
+            for _, answer in batch:
+                answer.set_exception(err)
+            raise
+        self.sizes.append(len(joined))
+        start = 0
+        for rows, answer in batch:
+            answer.set_result([out[start : start + len(rows)] for out in outputs])
+            start += len(rows)
 
 
 class OnnxEncoder:
@@ -41,7 +113,9 @@ class OnnxEncoder:
 
     accepts_numpy = True
 
-    def __init__(self, bundle: OnnxBundle, threads: int | None = None, precision: str = "fp32") -> None:
+    def __init__(
+        self, bundle: OnnxBundle, threads: int | None = None, precision: str = "fp32", max_batch: int = MAX_BATCH
+    ) -> None:
         ort = require("onnxruntime")
         self.bundle = bundle
         self.embedding_name = bundle.embedding_name
@@ -56,6 +130,12 @@ class OnnxEncoder:
         self._check_image_io()
         self.text = self._session(TEXT_FILE) if bundle.text else None
         self._tokenizer: Any = None
+        self.max_batch = max(1, int(max_batch))  # fashion-serve lets this many photos per pass reach it at once
+        self._image_pass = Combiner(lambda x: self.image.run(self._outputs, {IMAGE_INPUT: x}), self.max_batch)
+        text = self.text
+        self._text_pass = (
+            Combiner(lambda t: text.run([EMBEDDING_OUTPUT], {TEXT_INPUT: t}), TEXT_BATCH) if text is not None else None
+        )
 
     def _session(self, name: str) -> Any:
         """A CPU session from the graph's verified bytes (a path would let the graph name external files)."""
@@ -104,7 +184,7 @@ class OnnxEncoder:
             return np.empty((0, self.bundle.embed_dim), np.float32), {
                 t: np.empty((0, len(labels)), np.float32) for t, labels in self.bundle.tasks.items()
             }
-        embedding, *logits = self.image.run(self._outputs, {IMAGE_INPUT: array})
+        embedding, *logits = self._image_pass(array)
         return embedding, dict(zip(self.tasks, logits))
 
     def embed_images(self, images: Any) -> np.ndarray:
@@ -135,10 +215,8 @@ class OnnxEncoder:
         if self.text is None:
             raise NotImplementedError(f"{self.embedding_name} has no text encoder; use a CLIP export for text queries")
         texts = [str(t) for t in texts]
-        parts = [
-            self.text.run([EMBEDDING_OUTPUT], {TEXT_INPUT: self.tokenize(texts[i : i + TEXT_BATCH])})[0]
-            for i in range(0, len(texts), TEXT_BATCH)
-        ]
+        assert self._text_pass is not None
+        parts = [self._text_pass(self.tokenize(texts[i : i + TEXT_BATCH]))[0] for i in range(0, len(texts), TEXT_BATCH)]
         return np.concatenate(parts) if parts else np.empty((0, self.bundle.embed_dim), np.float32)
 
     def embed_items(self, images: Any, texts: Sequence[str] | None = None) -> dict[str, np.ndarray]:

@@ -237,11 +237,13 @@ def export_onnx(
     calibration: np.ndarray | None = None,
     report_sample: CheckSample | None = None,
     threads: int | None = None,
+    keep_fp32: int | None = None,
 ) -> dict[str, Any]:
     """Write the export folder for ``module`` at ``out_dir`` (atomically) and return its manifest.
 
     ``sample``: the self-check's photos/texts; ``quantize`` (dynamic | static) adds ``image.int8.onnx``,
-    static calibrated on ``calibration`` photos, with its accuracy cost measured on ``report_sample``.
+    static calibrated on ``calibration`` photos (the ``keep_fp32`` most sensitive layers left fp32), with its
+    accuracy cost measured on ``report_sample``.
     """
     from fashion_lightning.models import registry
 
@@ -290,9 +292,10 @@ def export_onnx(
         write_manifest(tmp, record)
         record["check"] = self_check(module, tmp, sample, threads)
         if quantize:
-            from fashion_lightning.deploy.quantize import add_int8
+            from fashion_lightning.deploy.quantize import KEEP_FP32, add_int8
 
-            record["int8"] = add_int8(tmp, quantize, calibration, report_sample or sample, record, threads)
+            keep = KEEP_FP32 if keep_fp32 is None else keep_fp32
+            record["int8"] = add_int8(tmp, quantize, calibration, report_sample or sample, record, threads, keep)
         manifest = write_manifest(tmp, record)
     return manifest
 

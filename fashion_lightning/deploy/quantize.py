@@ -1,16 +1,19 @@
 """int8 image graphs (ONNX Runtime quantization) and what they cost in accuracy, measured, not assumed.
 
-``dynamic``: weights stored as int8, activations quantized per batch at run time (no calibration).
-``static``: activations' ranges calibrated once on catalog photos (QDQ, per-channel weights): the faster
-kind on CPUs with VNNI, and the one that can lose more. Either way the report compares the int8 graph with
-the fp32 one on labelled photos (the validation split): per-task accuracy of both, and retrieval overlap@10
-(how many of an item's 10 nearest neighbours among the same photos stay the same), so a user can decide.
+``dynamic``: the matrix products' weights stored as int8, activations quantized per batch at run time (no
+calibration; for transformer towers). ``static``: activations' ranges calibrated once on catalog photos (QDQ,
+per-channel weights): the faster kind on CPUs with VNNI, and the one that can lose more, so the layers that
+lose most (a per-layer sensitivity search on the calibration photos) stay fp32. Either way the report
+compares the int8 graph with the fp32 one on labelled photos (the validation split): per-task accuracy of
+both, and retrieval overlap@10 (how many of an item's 10 nearest neighbours among the same photos stay the
+same), so a user can decide.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +33,18 @@ OVERLAP_K = 10
 
 
 # Static: the convolutions and transformer matmuls carry the time; the heads (Gemm), the preprocessing and the
-# normalisation stay fp32, and so do the first and last convolution, which cost little time and most accuracy:
-# on the lite0 model of README's Results, keeping them fp32 raised the int8 embeddings' mean cosine to fp32
-# from 0.88 to 0.94 and the attribute agreement from 0.84 to 0.89 (200 catalog photos).
+# normalisation stay fp32, and so do the ``keep_fp32`` layers whose int8 version alone moves the outputs most
+# on the calibration photos (the sensitivity search below). Measured on the lite0 model of README's Results
+# (512 catalog photos, int8 vs fp32): the stem and the first depthwise convolution stand out (1 - cosine 0.088
+# and 0.041, the next 0.005); first + last conv fp32 (the old rule) gave mean cosine 0.937 and overlap@10 0.750,
+# the 8 most sensitive fp32 0.994 and 0.913, at 0.87x the all-int8 graph's speed.
 STATIC_OPS = ("Conv", "MatMul")
-
-
-def _kept_in_fp32(model_path: Path) -> list[str]:
-    import onnx
-
-    convs = [node.name for node in onnx.load(str(model_path)).graph.node if node.op_type == "Conv"]
-    return sorted({convs[0], convs[-1]}) if convs else []
+# Dynamic: weights int8, activations quantized per batch at run time: only matrix products (transformer
+# towers, heads). Dynamic convolutions (ConvInteger) measured both slower than fp32 and far off it on lite0
+# (mean cosine 0.77, articleType -7.3 points).
+DYNAMIC_OPS = ("MatMul", "Gemm")
+KEEP_FP32 = 8
+SENSITIVITY_ITEMS = 64
 
 
 class _Photos:
@@ -56,41 +60,96 @@ class _Photos:
         pass
 
 
-def quantize_image(folder: Path, method: str, calibration: np.ndarray | None) -> Path:
-    """Write ``image.int8.onnx`` beside ``image.onnx``."""
+def quantize_image(
+    folder: Path, method: str, calibration: np.ndarray | None, keep_fp32: int = KEEP_FP32, threads: int | None = None
+) -> dict[str, Any]:
+    """Write ``image.int8.onnx`` beside ``image.onnx``; returns what the manifest records about it (static: the
+    layers kept fp32 and their sensitivity)."""
     quant = require("onnxruntime.quantization")
     source, target = folder / IMAGE_FILE, folder / IMAGE_INT8_FILE
     logging.getLogger("root").setLevel(logging.WARNING)  # ORT's quantizer logs every node at INFO
     if method == "dynamic":
-        quant.quantize_dynamic(str(source), str(target), weight_type=quant.QuantType.QInt8)
-        return target
+        quant.quantize_dynamic(
+            str(source), str(target), weight_type=quant.QuantType.QInt8, op_types_to_quantize=list(DYNAMIC_OPS)
+        )
+        return {"ops": list(DYNAMIC_OPS)}
     if method != "static":
         raise ValueError(f"quantize must be dynamic or static, got {method!r}")
     if calibration is None or not len(calibration):
         raise ValueError("quantize=static needs calibration photos (calibration_items > 0)")
+    if not isinstance(keep_fp32, int) or isinstance(keep_fp32, bool) or keep_fp32 < 0:
+        raise ValueError(f"keep_fp32 must be a whole number >= 0, got {keep_fp32!r}")
     with tempfile.TemporaryDirectory(prefix=".tmp-quant-", dir=folder.parent) as scratch:
         prepared = Path(scratch) / "prepared.onnx"
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-        quant.quantize_static(
-            str(prepared), str(target), _Photos(calibration), quant_format=quant.QuantFormat.QDQ,
-            per_channel=True, activation_type=quant.QuantType.QUInt8, weight_type=quant.QuantType.QInt8,
-            calibrate_method=quant.CalibrationMethod.MinMax, op_types_to_quantize=list(STATIC_OPS),
-            nodes_to_exclude=_kept_in_fp32(prepared),
-        )  # fmt: skip
-    return target
+        cache = Path(scratch) / "ranges.json"  # activation ranges: calibrated once, reused by every variant
+
+        def static(output: Path, include: list[str] | None = None, exclude: Sequence[str] = ()) -> None:
+            quant.quantize_static(
+                str(prepared), str(output), _Photos(calibration), quant_format=quant.QuantFormat.QDQ,
+                per_channel=True, activation_type=quant.QuantType.QUInt8, weight_type=quant.QuantType.QInt8,
+                calibrate_method=quant.CalibrationMethod.MinMax, op_types_to_quantize=list(STATIC_OPS),
+                nodes_to_quantize=include, nodes_to_exclude=list(exclude), calibration_cache_path=str(cache),
+            )  # fmt: skip
+
+        static(target)  # calibrates (and is the answer when nothing stays fp32)
+        ranked = sensitivity(prepared, calibration[:SENSITIVITY_ITEMS], static, Path(scratch), threads)
+        kept = ranked[:keep_fp32]
+        if kept:
+            static(target, exclude=[name for name, _ in kept])
+    return {
+        "keep_fp32": keep_fp32,
+        "kept_fp32": [{"node": name, "sensitivity": score} for name, score in kept],
+        "sensitivity_items": int(min(len(calibration), SENSITIVITY_ITEMS)),
+    }
+
+
+def sensitivity(
+    prepared: Path, photos: np.ndarray, static: Callable[..., None], scratch: Path, threads: int | None = None
+) -> list[tuple[str, float]]:
+    """Each quantizable layer's sensitivity, most sensitive first: the graph with only that layer in int8 (the
+    calibrated ranges), run on ``photos``, vs fp32; 1 - mean cosine per output, averaged over the outputs
+    (embedding and every task's logits). Why per layer: a few layers (on an EfficientNet the stem, whose input
+    is the normalised photo, and the first depthwise convolution) carry most of the int8 error."""
+    import onnx
+
+    nodes = [node.name for node in onnx.load(str(prepared)).graph.node if node.op_type in STATIC_OPS]
+    reference = _outputs(prepared, photos, threads)
+    scores = []
+    for name in nodes:
+        variant = scratch / "one-layer.onnx"
+        static(variant, include=[name])
+        ours = _outputs(variant, photos, threads)
+        scores.append((name, float(np.mean([1.0 - _cosine(a, b).mean() for a, b in zip(ours, reference)]))))
+    return sorted(scores, key=lambda item: -item[1])
+
+
+def _outputs(graph: Path, photos: np.ndarray, threads: int | None, batch: int = 64) -> list[np.ndarray]:
+    ort = require("onnxruntime")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(0, int(threads or 0))
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    runs = [session.run(None, {IMAGE_INPUT: photos[i : i + batch]}) for i in range(0, len(photos), batch)]
+    return [np.concatenate([run[k] for run in runs]) for k in range(len(runs[0]))]
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
 
 
 def add_int8(
     folder: Path, method: str, calibration: np.ndarray | None, sample: Any, record: dict[str, Any],
-    threads: int | None = None,
+    threads: int | None = None, keep_fp32: int = KEEP_FP32,
 ) -> dict[str, Any]:  # fmt: skip
     """Quantize, record the graph in the manifest, then measure it against fp32 on ``sample``."""
     from fashion_lightning.deploy.onnx_encoder import OnnxEncoder
 
-    quantize_image(folder, method, calibration)
-    int8: dict[str, Any] = {"file": IMAGE_INT8_FILE, "method": method}
+    how = quantize_image(folder, method, calibration, keep_fp32, threads)
+    int8: dict[str, Any] = {"file": IMAGE_INT8_FILE, "method": method, **how}
     if method == "static":
         int8["calibration_items"] = len(calibration) if calibration is not None else 0
     write_manifest(folder, {**record, "int8": int8})

@@ -128,6 +128,10 @@ def test_static_int8_calibrates_on_catalog_photos(work, tmp_path):
     int8 = json.loads((export(cfg) / "manifest.json").read_text())["int8"]
     assert int8["method"] == "static" and int8["calibration_items"] == 32
     assert 0.5 <= int8["report"]["overlap_at_10"] <= 1
+    # the 8 layers kept fp32 are the most sensitive of the graph's convolutions, ranked on calibration photos
+    kept = [layer["sensitivity"] for layer in int8["kept_fp32"]]
+    assert int8["keep_fp32"] == 8 and len(kept) == 8 and kept == sorted(kept, reverse=True) and kept[0] > 0
+    assert int8["sensitivity_items"] == 32
 
 
 def test_clip_export_checks_image_and_text_towers(work, clip):
@@ -239,6 +243,15 @@ def test_apps_refuse_damaged_exports_with_one_line(work, tmp_path):
                 tmp_path=tmp_path / "i")  # fmt: skip
     output = done.stdout + done.stderr  # the Hydra apps log their one line
     assert done.returncode == 2 and "embed_dim must be an integer" in output and "Traceback" not in output
+
+
+@pytest.mark.parametrize("value", ["-1", "eight", "1.5"])
+def test_a_bad_keep_fp32_is_one_line_before_any_work(work, tmp_path, value):
+    done = _cli("fashion_lightning.export", f"ckpt_path={work.model}", "quantize=static", f"keep_fp32={value}", *DATA,
+                tmp_path=tmp_path)  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == 2 and "keep_fp32=" in output and "whole number >= 0" in output, output[-2000:]
+    assert "Traceback" not in output and not (tmp_path / "run" / "onnx").exists()
 
 
 def test_missing_onnxruntime_is_one_line_naming_the_extra(work, tmp_path):
@@ -359,6 +372,34 @@ def test_serve_with_onnx_workers_matches_pytorch(work, tmp_path):
                 ).json()  # fmt: skip
                 for p in photos
             ]
+    for ours, theirs in zip(answers["onnx"], answers["torch"]):
+        assert [r["id"] for r in ours["results"]] == [r["id"] for r in theirs["results"]]
+        assert ours["query"]["predicted"] == theirs["query"]["predicted"]
+
+
+def test_serve_with_onnx_in_the_server_threads_matches_pytorch(work, tmp_path):
+    """inference=thread: the graph runs in the request threads (ONNX Runtime releases the GIL), through the
+    encoder's pass combiner, with the PyTorch answers for photos sent at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from fashion_lightning.serve.cli import build
+
+    photos = sorted((work.catalog / "images").glob("*.jpg"))[:6]
+    answers = {}
+    for runtime in ("torch", "onnx"):
+        cfg = make_cfg("serve", tmp_path / runtime, work.cache, [
+            f"index_dir={work.index}", f"runtime={runtime}", f"onnx_dir={work.onnx}", "inference=thread",
+        ])  # fmt: skip
+        with TestClient(build(cfg)) as client:
+
+            def ask(photo: Path, client: TestClient = client) -> dict:
+                files = {"photo": (photo.name, photo.read_bytes(), "image/jpeg")}
+                return client.post("/recommend/image", files=files, data={"k": "10"}).json()
+
+            with ThreadPoolExecutor(len(photos)) as clients:
+                answers[runtime] = list(clients.map(ask, photos))
     for ours, theirs in zip(answers["onnx"], answers["torch"]):
         assert [r["id"] for r in ours["results"]] == [r["id"] for r in theirs["results"]]
         assert ours["query"]["predicted"] == theirs["query"]["predicted"]
