@@ -113,8 +113,8 @@ def query_router(state: ServeState) -> APIRouter:
         )  # fmt: skip
         if body.text is not None:  # the text tower runs: a forward pass, in the pool
             result = await state.in_pool(call)
-        else:
-            result = answer(call)
+        else:  # a search: off the event loop (FAISS / numpy release the GIL), so photo uploads keep flowing
+            result = await state.off_loop(call)
         return _with_server_time(result.to_dict(), start)
 
     @router.post("/recommend/image", summary="Recommendations for an uploaded photo")

@@ -99,6 +99,11 @@ class ServeState:
 
         return await anyio.to_thread.run_sync(bounded)
 
+    async def off_loop(self, call: Callable[[], Any]) -> Any:
+        """Run a search-only query (no forward pass) in a thread: not behind the forward-pass limiter, but off
+        the event loop, whose time is for reading requests and writing answers."""
+        return await anyio.to_thread.run_sync(lambda: answer(call))
+
     def health(self) -> tuple[dict[str, Any], int]:
         """The ``/health`` body and status: 503 when worker processes are used and none is alive."""
         workers = getattr(self.recommender.loaded_encoder, "health", None)  # worker processes, if any

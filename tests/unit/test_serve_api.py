@@ -7,6 +7,7 @@ these run in seconds; the browser test (tests/e2e) serves a real trained checkpo
 from __future__ import annotations
 
 import io
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -252,3 +253,27 @@ def test_concurrent_requests_match_sequential_ones(served):
     sequential = [ask(r) for r in requests]
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(ask, requests * 2)) == sequential * 2
+
+
+def test_a_slow_search_does_not_hold_up_other_requests(served, monkeypatch):
+    """Item / history searches run off the event loop: while one is busy, /health still answers."""
+    recommender = served[0].app.state.serve.recommender
+    entered, gate, finished = threading.Event(), threading.Event(), threading.Event()
+    search = recommender.recommend
+
+    def slow_search(**kwargs):
+        entered.set()
+        gate.wait(10)  # released by the test once /health has answered (or after 10 s if the loop is stuck)
+        finished.set()
+        return search(**kwargs)
+
+    monkeypatch.setattr(recommender, "recommend", slow_search)
+    # one event loop for both requests (a TestClient outside `with` starts a loop per request)
+    with TestClient(served[0].app) as client, ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(client.post, "/recommend", json={"item_id": 1000, "k": 3})
+        assert entered.wait(10)
+        health = client.get("/health")
+        answered_while_busy = not finished.is_set()
+        gate.set()
+        assert busy.result(10).status_code == 200
+    assert health.status_code == 200 and answered_while_busy
