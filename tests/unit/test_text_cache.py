@@ -110,7 +110,7 @@ def test_module_freezes_below_the_cut_and_saves_the_whole_network() -> None:
     cached.train()  # frozen below the cut: no dropout there while the top trains
     assert not text.embeddings.training and not text.encoder.layer[2].training and text.encoder.layer[5].training
     assert ClipFusionModule.inference_overrides(dict(cached.hparams))["cache_text"] is None
-    assert cached.hparams.cache_text == {"layer": 3}
+    assert cached.hparams.cache_text == {"layer": 3, "dtype": "float16"}
     with pytest.raises(ValueError, match="needs a layer"):
         ClipFusionModule(NET, vocabs, cache_text={"dtype": "float16"})
     with pytest.raises(ValueError, match="Hugging Face"):
@@ -214,14 +214,16 @@ class StepLosses(L.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def _fit(dm_kwargs: dict, cache: bool) -> tuple[list[float], ClipFusionModule, FashionDataModule, dict]:
+def _fit(dm_kwargs: dict, cache: bool, image: bool = False) -> tuple[list[float], ClipFusionModule, FashionDataModule,
+                                                                   dict]:  # fmt: skip
     L.seed_everything(0)
     dm = FashionDataModule(**dm_kwargs)
     dm.setup("fit")
-    if not cache:
-        dm.use_text_cache = lambda *args, **kwargs: None  # type: ignore[method-assign]  # serve titles only
+    if not cache:  # serve titles and images only
+        dm.use_text_cache = dm.use_trunk_cache = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    trunk = {"cut": 6, "views": 1, "dtype": "float32"} if image else None  # lite0 blocks 0-5: what the lock froze
     module = ClipFusionModule(NET, dm.vocabs, dm.class_weights, heads=True, kagl=False,
-                              cache_text={"layer": 5, "dtype": "float32"},
+                              cache_text={"layer": 5, "dtype": "float32"}, cache_trunk=trunk,
                               optimizer={"lr": 1e-3, "new_lr": 1e-2})  # fmt: skip
     initial = {k: v.clone() for k, v in module.state_dict().items()}
     record = StepLosses()
@@ -247,6 +249,35 @@ def test_cached_training_equals_uncached_training_step_by_step(synthetic_dm_kwar
     top = "net.model.text.transformer.encoder.layer.5.output.dense.weight"
     assert not torch.equal(state[top], initial[top])  # the layer above it trained
     assert cached[-1] < cached[0]
+
+    # the image tower too (model.cache_trunk): both towers' frozen parts cached, still the same losses
+    both, module, dm_b, initial = _fit(kwargs, cache=True, image=True)
+    assert dm_b._text_cache is not None and "train" in dm_b._trunk_datasets
+    # (the frozen convs ran in other batches when the cache was built: fp32 rounding, ~1e-6 of the loss)
+    np.testing.assert_allclose(both, uncached, atol=1e-5, rtol=5e-6)
+    state = module.state_dict()
+    for name in ("blocks.5.3.conv_pwl.weight", "blocks.5.3.bn3.running_mean"):  # below the cut: unchanged
+        assert torch.equal(state[f"net.model.visual.trunk.{name}"], initial[f"net.model.visual.trunk.{name}"]), name
+    for name in ("blocks.6.0.conv_pwl.weight", "conv_head.weight"):  # above it (unlock_last_n=1 opened them): trained
+        assert not torch.equal(state[f"net.model.visual.trunk.{name}"], initial[f"net.model.visual.trunk.{name}"])
+
+
+def test_image_trunk_of_the_clip_tower_splits_exactly() -> None:
+    torch.manual_seed(0)
+    module = ClipFusionModule(NET, {"a": ["x", "y"]}, cache_trunk={"cut": 5}).eval()
+    assert module.hparams.cache_trunk == {"cut": 5, "views": 4, "dtype": "float16"}
+    images = torch.randint(0, 256, (3, 3, 60, 80), dtype=torch.uint8)
+    with torch.no_grad():
+        whole = module.embed_images(images)
+        activation = module.trunk.lower(module.preprocess(images))
+        cached = module._batch_image_embedding({"activation": activation})
+    torch.testing.assert_close(cached, whole, atol=1e-6, rtol=0)
+    assert not any(p.requires_grad for p in module.net.visual.trunk.blocks[4].parameters())
+    assert ClipFusionModule.inference_overrides(dict(module.hparams))["cache_trunk"] is None
+    with pytest.raises(ValueError, match="timm image towers"):
+        ClipFusionModule({**NET, "model_name": "clip-tiny", "pretrained": None}, {"a": ["x"]}, cache_trunk={"cut": 1})
+    with pytest.raises(SpecError):
+        validate_hparams("clip", {"net": NET, "vocabs": {"a": ["x"]}, "cache_trunk": {"cut": 2, "views": 0}})
 
 
 def test_clip_recipe_caches_the_locked_text_layers(tmp_path: Path) -> None:
