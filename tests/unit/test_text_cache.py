@@ -298,3 +298,32 @@ def test_clip_recipe_caches_the_locked_text_layers(tmp_path: Path) -> None:
         "layer": 5,
         "dtype": "float16",
     }
+
+
+@pytest.mark.slow
+def test_cached_clip_recipe_run_saves_the_whole_network(tmp_path: Path) -> None:
+    from fashion_lightning.eval import evaluate
+    from fashion_lightning.models.base import load_module
+    from fashion_lightning.train import train
+    from hydra_helpers import QUIET, make_cfg
+
+    overrides = [
+        "experiment=clip_offline_finetune", "data=synthetic", "data.num_items=200", "data.min_count=5",
+        "data.batch_size=16", "data.eval_batch_size=32", "model.net.image_size=[48,36]", "trainer.max_epochs=1",
+        "callbacks.evaluation.background_queries=0", "callbacks.evaluation.plot_every_n_val_epochs=0",
+        "callbacks.model_checkpoint.save_last=false", *QUIET,
+    ]  # fmt: skip
+    cache_dir = tmp_path / "cache"  # its own: the text cache found below is this run's
+    metrics = train(make_cfg("train", tmp_path / "run", cache_dir, overrides))
+    assert any((cache_dir / "text").glob("*/meta.json"))  # the run trained from cached token states
+    module = load_module(tmp_path / "run" / "model")
+    assert module.hparams.cache_text is None and module.text_split is None  # inference runs the whole tower
+    ckpt = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)
+    assert set(ckpt["state_dict"]) == set(module.state_dict())
+    evaluated = evaluate(make_cfg("eval", tmp_path / "eval", cache_dir, [
+        f"ckpt_path={tmp_path / 'run' / 'model'}", "data.num_items=200", "data.min_count=5", "data.num_workers=0",
+        "callbacks.rich_progress_bar=null",
+    ]))  # fmt: skip
+    # the whole tower on titles ~= its top on fp16 cached token states
+    for key in ("test/kagl/text_to_image/r@10", "test/acc/articleType"):
+        assert abs(evaluated[key] - metrics[key]) < 0.03, key
