@@ -327,3 +327,20 @@ def test_cached_clip_recipe_run_saves_the_whole_network(tmp_path: Path) -> None:
     # the whole tower on titles ~= its top on fp16 cached token states
     for key in ("test/kagl/text_to_image/r@10", "test/acc/articleType"):
         assert abs(evaluated[key] - metrics[key]) < 0.03, key
+
+
+def test_cached_batches_keep_the_same_product_groups(synthetic_dm_kwargs: dict, tmp_path: Path) -> None:
+    """multi_positive + data.positive_groups: the cached datasets still carry each item's product group."""
+    from fashion_lightning.data.trunk_cache import CachedTrunkDataset, ensure_trunk_cache
+    from fashion_lightning.models.multitask import MultiTaskNet
+    from fashion_lightning.models.trunk import TrunkEncoder as ImageEncoder
+    from fashion_lightning.models.trunk import TrunkSplit
+
+    dm = FashionDataModule(**{**synthetic_dm_kwargs, "positive_groups": True})
+    dm.setup("fit")
+    items = dm.datasets["train"]
+    torch.manual_seed(0)
+    net = MultiTaskNet({"a": 3}, backbone="test_resnet", input_size=(40, 32)).eval()
+    cache = ensure_trunk_cache(items, ImageEncoder(net, TrunkSplit(net.backbone, 2)), tmp_path)
+    item = CachedTrunkDataset(cache, items)[(4, 9)]
+    assert int(item["positive_group"]) == int(items.positive_groups[4])
