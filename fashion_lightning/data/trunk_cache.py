@@ -298,6 +298,7 @@ class CachedTrunkDataset(Dataset):
         if cache.shape[0] != len(items):
             raise ValueError(f"trunk cache has {cache.shape[0]} items, the split {len(items)}")
         self.cache, self.labels, self.ids, self.texts = cache, items.labels, items.ids, items.texts
+        self.positive_groups = items.positive_groups  # same-product groups (multi-positive losses) travel too
         self._array: np.memmap | None = None
 
     def __len__(self) -> int:
@@ -313,9 +314,12 @@ class CachedTrunkDataset(Dataset):
             view = view_for(seed, index, self.cache.views)
         if self._array is None:
             self._array = self.cache.open()
-        return {
+        item = {
             "activation": torch.from_numpy(np.array(self._array[index, view])),
             "labels": self.labels[index],
             "id": self.ids[index],
             "text": self.texts[index],
         }
+        if self.positive_groups is not None:
+            item["positive_group"] = self.positive_groups[index]
+        return item

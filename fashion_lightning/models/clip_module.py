@@ -30,6 +30,7 @@ from torch import nn
 
 from fashion_lightning.data.duplicates import normalise_title
 from fashion_lightning.data.vocab import LabelVocabs
+from fashion_lightning.models import clip_caches
 from fashion_lightning.models.base import FashionModule
 from fashion_lightning.models.clip import MAX_LOGIT_SCALE, ClipFusionNet, fuse
 from fashion_lightning.models.fusion import FUSIONS, FusionGate
@@ -43,7 +44,6 @@ from fashion_lightning.models.losses import (
     supervised_contrastive,
 )
 from fashion_lightning.models.preprocess import DeviceInput
-from fashion_lightning.models.text_trunk import attach_text_cache, cached_text_embedding, text_split
 
 MODES = ("frozen", "finetune")
 LOSSES = ("infonce", "siglip")
@@ -84,6 +84,7 @@ class ClipFusionModule(FashionModule):
         ema: Mapping[str, Any] | float | None = None,
         compile: bool | Mapping[str, Any] = False,
         cache_text: Mapping[str, Any] | None = None,
+        cache_trunk: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -115,12 +116,17 @@ class ClipFusionModule(FashionModule):
         self._class_text: dict[str, torch.Tensor] | None = None
         self._text_cache: dict[str, torch.Tensor] = {}  # locked text tower only (see _train_text_embedding)
         self._new_param_names = self._parameters_without_pretraining()
-        self.text_split = text_split(self.net, cache_text)  # model.cache_text: frozen, cached lower text layers
+        # model.cache_text / cache_trunk: frozen lower layers of either tower, served from caches (clip_caches.py)
+        self.hparams["cache_text"] = clip_caches.cache_options(cache_text, {"dtype": "float16"})
+        self.hparams["cache_trunk"] = clip_caches.cache_options(cache_trunk, {"views": 4, "dtype": "float16"})
+        self.text_split = clip_caches.text_split(self.net, cache_text)
+        self.trunk = clip_caches.image_split(self.net, cache_trunk)
 
     # --- configuration -----------------------------------------------------------------------
     @classmethod
     def inference_overrides(cls, hparams: Mapping[str, Any]) -> dict[str, Any]:
-        return {**super().inference_overrides(hparams), "cache_text": None}  # the text cut is a training detail
+        # the cuts are training details: the artefact holds the whole network
+        return {**super().inference_overrides(hparams), "cache_text": None, "cache_trunk": None}
 
     def compiled_parts(self) -> list[nn.Module]:
         """Both towers."""
@@ -157,7 +163,7 @@ class ClipFusionModule(FashionModule):
 
     def setup(self, stage: str) -> None:
         self.clip_loss = None  # rebuilt for this trainer's world size
-        attach_text_cache(self)  # model.cache_text: the datamodule adds cached token states to the batches
+        clip_caches.attach_caches(self)  # cache_text / cache_trunk: the datamodule serves the cached layers
 
     def _contrastive(
         self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, batch: Mapping[str, Any]
@@ -305,7 +311,7 @@ class ClipFusionModule(FashionModule):
         bs = len(batch["id"])
         finetune = self.hparams.mode == "finetune"
         with torch.set_grad_enabled(finetune):
-            image = self._image_embedding(batch["image"])
+            image = self._batch_image_embedding(batch)
         total = image.new_zeros(())
         if finetune and self.hparams.contrastive_weight > 0:
             text = self._batch_text_embedding(batch)
@@ -335,9 +341,14 @@ class ClipFusionModule(FashionModule):
         groups = batch["labels"][:, self.vocabs.tasks.index("articleType")]
         return supervised_contrastive(self.fuse(image, text), groups, self.net.scale().detach())
 
+    def _batch_image_embedding(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """From the batch's cached trunk activations (``model.cache_trunk``), else from its images."""
+        cached = clip_caches.cached_image_embedding(self, batch)
+        return cached if cached is not None else self._image_embedding(batch["image"])
+
     def _batch_text_embedding(self, batch: Mapping[str, Any], train: bool = True) -> torch.Tensor:
         """From the batch's cached token states (``model.cache_text``), else from its titles."""
-        cached = cached_text_embedding(self, batch)
+        cached = clip_caches.cached_text_embedding(self, batch)
         if cached is not None:
             return cached
         return self._train_text_embedding(batch["text"]) if train else self._text_embedding(batch["text"])
@@ -366,7 +377,7 @@ class ClipFusionModule(FashionModule):
         self._class_text = None
 
     def eval_step(self, batch: Mapping[str, Any], stage: str) -> dict[str, Any]:
-        image = self._image_embedding(batch["image"]).float()
+        image = self._batch_image_embedding(batch).float()
         text = self._batch_text_embedding(batch, train=False).float()
         bs = len(batch["id"])
         scale = self.net.scale()

@@ -248,6 +248,7 @@ class ClipFusionModuleSpec(_ModuleSpec):
     kagl_max_queries: Annotated[int, Field(ge=1)] | None = 2000
     channels_last: bool = False
     cache_text: CacheTextSpec | None = None
+    cache_trunk: CacheTrunkSpec | None = None
 
 
 SPECS: dict[str, type[_ModuleSpec]] = {"multitask": MultiTaskModuleSpec, "clip": ClipFusionModuleSpec}

@@ -14,18 +14,13 @@ Supported: open_clip's Hugging Face text towers of the BERT family (``transforme
 from __future__ import annotations
 
 import hashlib
-import logging
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
     from fashion_lightning.models.clip import ClipFusionNet
-
-log = logging.getLogger(__name__)
 
 
 class TextSplit:
@@ -122,41 +117,3 @@ class TextEncoder:
         device = next(self.net.parameters()).device
         self.split.freeze_lower()
         return self.split.lower(tokens.to(device))
-
-
-def text_split(net: ClipFusionNet, options: Mapping[str, Any] | None) -> TextSplit | None:
-    """The split ``model.cache_text`` asks for (frozen below the cut), or None when it is off."""
-    if not options:
-        return None
-    if "layer" not in options:
-        raise ValueError("cache_text needs a layer (the text transformer layer below which the tower is frozen)")
-    split = TextSplit(getattr(net.model, "text", None) or net.model, int(options["layer"]))
-    opened = sum(p.numel() for m in split.lower_modules for p in m.parameters() if p.requires_grad)
-    if opened:  # e.g. unlock_last_n re-opened a layer below the cut: the cut wins, say so
-        log.warning("cache_text.layer=%d freezes %d text-tower weights that the lock settings would train",
-                    split.layer, opened)  # fmt: skip
-    split.freeze_lower()
-    return split
-
-
-def attach_text_cache(module: Any) -> None:
-    """LightningModule.setup hook: ask the datamodule for token states at the cut (built on first use)."""
-    split: TextSplit | None = getattr(module, "text_split", None)
-    trainer = getattr(module, "_trainer", None)
-    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-    if split is None or datamodule is None:
-        return
-    if not hasattr(datamodule, "use_text_cache"):
-        log.warning("cache_text: %s cannot cache token states; running the whole text tower every step",
-                    type(datamodule).__name__)  # fmt: skip
-        return
-    datamodule.use_text_cache(TextEncoder(module.net, split), str(module.hparams.cache_text.get("dtype", "float16")))
-
-
-def cached_text_embedding(module: Any, batch: Mapping[str, Any]) -> torch.Tensor | None:
-    """Normalised text embeddings from the batch's cached token states; None when the batch has none."""
-    split: TextSplit | None = getattr(module, "text_split", None)
-    if split is None or "text_states" not in batch:
-        return None
-    states = batch["text_states"].to(module.device).float()
-    return F.normalize(split.upper(states, batch["text_mask"].to(module.device)), dim=-1)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -106,12 +106,13 @@ class TrunkSplit:
 class TrunkEncoder:
     """The model's side of the cache: uint8 images -> activations at the cut (preprocess + lower, no grad).
 
-    Runs on the device the net is on when the datamodule asks (after Lightning moved the model).
-    ``fingerprint`` covers the lower weights and the input pipeline (size, mean, std), which are not all in
-    the state dict.
+    ``net`` is whatever owns the input pipeline: a :class:`MultiTaskNet`, or a ``ClipFusionModule`` (its
+    ``preprocess`` and parameters). Runs on the device the net is on when the datamodule asks (after Lightning
+    moved the model). ``fingerprint`` covers the lower weights and the input pipeline (size, mean, std), which
+    are not all in the state dict.
     """
 
-    def __init__(self, net: MultiTaskNet, split: TrunkSplit) -> None:
+    def __init__(self, net: MultiTaskNet | Any, split: TrunkSplit) -> None:
         self.net, self.split = net, split
         pre = net.preprocess
         extra = [tuple(pre.image_size), pre.mean.flatten().tolist(), pre.std.flatten().tolist(), pre.channels_last]

@@ -110,7 +110,7 @@ def test_module_freezes_below_the_cut_and_saves_the_whole_network() -> None:
     cached.train()  # frozen below the cut: no dropout there while the top trains
     assert not text.embeddings.training and not text.encoder.layer[2].training and text.encoder.layer[5].training
     assert ClipFusionModule.inference_overrides(dict(cached.hparams))["cache_text"] is None
-    assert cached.hparams.cache_text == {"layer": 3}
+    assert cached.hparams.cache_text == {"layer": 3, "dtype": "float16"}
     with pytest.raises(ValueError, match="needs a layer"):
         ClipFusionModule(NET, vocabs, cache_text={"dtype": "float16"})
     with pytest.raises(ValueError, match="Hugging Face"):
@@ -214,14 +214,16 @@ class StepLosses(L.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def _fit(dm_kwargs: dict, cache: bool) -> tuple[list[float], ClipFusionModule, FashionDataModule, dict]:
+def _fit(dm_kwargs: dict, cache: bool, image: bool = False) -> tuple[list[float], ClipFusionModule, FashionDataModule,
+                                                                   dict]:  # fmt: skip
     L.seed_everything(0)
     dm = FashionDataModule(**dm_kwargs)
     dm.setup("fit")
-    if not cache:
-        dm.use_text_cache = lambda *args, **kwargs: None  # type: ignore[method-assign]  # serve titles only
+    if not cache:  # serve titles and images only
+        dm.use_text_cache = dm.use_trunk_cache = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    trunk = {"cut": 6, "views": 1, "dtype": "float32"} if image else None  # lite0 blocks 0-5: what the lock froze
     module = ClipFusionModule(NET, dm.vocabs, dm.class_weights, heads=True, kagl=False,
-                              cache_text={"layer": 5, "dtype": "float32"},
+                              cache_text={"layer": 5, "dtype": "float32"}, cache_trunk=trunk,
                               optimizer={"lr": 1e-3}, param_groups={"new_lr": 1e-2})  # fmt: skip
     initial = {k: v.clone() for k, v in module.state_dict().items()}
     record = StepLosses()
@@ -248,6 +250,35 @@ def test_cached_training_equals_uncached_training_step_by_step(synthetic_dm_kwar
     assert not torch.equal(state[top], initial[top])  # the layer above it trained
     assert cached[-1] < cached[0]
 
+    # the image tower too (model.cache_trunk): both towers' frozen parts cached, still the same losses
+    both, module, dm_b, initial = _fit(kwargs, cache=True, image=True)
+    assert dm_b._text_cache is not None and "train" in dm_b._trunk_datasets
+    # (the frozen convs ran in other batches when the cache was built: fp32 rounding, ~1e-6 of the loss)
+    np.testing.assert_allclose(both, uncached, atol=1e-5, rtol=5e-6)
+    state = module.state_dict()
+    for name in ("blocks.5.3.conv_pwl.weight", "blocks.5.3.bn3.running_mean"):  # below the cut: unchanged
+        assert torch.equal(state[f"net.model.visual.trunk.{name}"], initial[f"net.model.visual.trunk.{name}"]), name
+    for name in ("blocks.6.0.conv_pwl.weight", "conv_head.weight"):  # above it (unlock_last_n=1 opened them): trained
+        assert not torch.equal(state[f"net.model.visual.trunk.{name}"], initial[f"net.model.visual.trunk.{name}"])
+
+
+def test_image_trunk_of_the_clip_tower_splits_exactly() -> None:
+    torch.manual_seed(0)
+    module = ClipFusionModule(NET, {"a": ["x", "y"]}, cache_trunk={"cut": 5}).eval()
+    assert module.hparams.cache_trunk == {"cut": 5, "views": 4, "dtype": "float16"}
+    images = torch.randint(0, 256, (3, 3, 60, 80), dtype=torch.uint8)
+    with torch.no_grad():
+        whole = module.embed_images(images)
+        activation = module.trunk.lower(module.preprocess(images))
+        cached = module._batch_image_embedding({"activation": activation})
+    torch.testing.assert_close(cached, whole, atol=1e-6, rtol=0)
+    assert not any(p.requires_grad for p in module.net.visual.trunk.blocks[4].parameters())
+    assert ClipFusionModule.inference_overrides(dict(module.hparams))["cache_trunk"] is None
+    with pytest.raises(ValueError, match="timm image towers"):
+        ClipFusionModule({**NET, "model_name": "clip-tiny", "pretrained": None}, {"a": ["x"]}, cache_trunk={"cut": 1})
+    with pytest.raises(SpecError):
+        validate_hparams("clip", {"net": NET, "vocabs": {"a": ["x"]}, "cache_trunk": {"cut": 2, "views": 0}})
+
 
 def test_clip_recipe_caches_the_locked_text_layers(tmp_path: Path) -> None:
     from hydra.utils import instantiate
@@ -267,3 +298,49 @@ def test_clip_recipe_caches_the_locked_text_layers(tmp_path: Path) -> None:
         "layer": 5,
         "dtype": "float16",
     }
+
+
+@pytest.mark.slow
+def test_cached_clip_recipe_run_saves_the_whole_network(tmp_path: Path) -> None:
+    from fashion_lightning.eval import evaluate
+    from fashion_lightning.models.base import load_module
+    from fashion_lightning.train import train
+    from hydra_helpers import QUIET, make_cfg
+
+    overrides = [
+        "experiment=clip_offline_finetune", "data=synthetic", "data.num_items=200", "data.min_count=5",
+        "data.batch_size=16", "data.eval_batch_size=32", "model.net.image_size=[48,36]", "trainer.max_epochs=1",
+        "callbacks.evaluation.background_queries=0", "callbacks.evaluation.plot_every_n_val_epochs=0",
+        "callbacks.model_checkpoint.save_last=false", *QUIET,
+    ]  # fmt: skip
+    cache_dir = tmp_path / "cache"  # its own: the text cache found below is this run's
+    metrics = train(make_cfg("train", tmp_path / "run", cache_dir, overrides))
+    assert any((cache_dir / "text").glob("*/meta.json"))  # the run trained from cached token states
+    module = load_module(tmp_path / "run" / "model")
+    assert module.hparams.cache_text is None and module.text_split is None  # inference runs the whole tower
+    ckpt = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)
+    assert set(ckpt["state_dict"]) == set(module.state_dict())
+    evaluated = evaluate(make_cfg("eval", tmp_path / "eval", cache_dir, [
+        f"ckpt_path={tmp_path / 'run' / 'model'}", "data.num_items=200", "data.min_count=5", "data.num_workers=0",
+        "callbacks.rich_progress_bar=null",
+    ]))  # fmt: skip
+    # the whole tower on titles ~= its top on fp16 cached token states
+    for key in ("test/kagl/text_to_image/r@10", "test/acc/articleType"):
+        assert abs(evaluated[key] - metrics[key]) < 0.03, key
+
+
+def test_cached_batches_keep_the_same_product_groups(synthetic_dm_kwargs: dict, tmp_path: Path) -> None:
+    """multi_positive + data.positive_groups: the cached datasets still carry each item's product group."""
+    from fashion_lightning.data.trunk_cache import CachedTrunkDataset, ensure_trunk_cache
+    from fashion_lightning.models.multitask import MultiTaskNet
+    from fashion_lightning.models.trunk import TrunkEncoder as ImageEncoder
+    from fashion_lightning.models.trunk import TrunkSplit
+
+    dm = FashionDataModule(**{**synthetic_dm_kwargs, "positive_groups": True})
+    dm.setup("fit")
+    items = dm.datasets["train"]
+    torch.manual_seed(0)
+    net = MultiTaskNet({"a": 3}, backbone="test_resnet", input_size=(40, 32)).eval()
+    cache = ensure_trunk_cache(items, ImageEncoder(net, TrunkSplit(net.backbone, 2)), tmp_path)
+    item = CachedTrunkDataset(cache, items)[(4, 9)]
+    assert int(item["positive_group"]) == int(items.positive_groups[4])
