@@ -247,8 +247,8 @@ def test_apps_refuse_damaged_exports_with_one_line(work, tmp_path):
 
 @pytest.mark.parametrize("value", ["-1", "eight", "1.5"])
 def test_a_bad_keep_fp32_is_one_line_before_any_work(work, tmp_path, value):
-    done = _cli("fashion_lightning.export", f"ckpt_path={work.model}", "quantize=static", f"keep_fp32={value}", *DATA,
-                tmp_path=tmp_path)  # fmt: skip
+    done = _cli("fashion_lightning.apps.export", f"ckpt_path={work.model}", "quantize=static",
+                f"keep_fp32={value}", *DATA, tmp_path=tmp_path)  # fmt: skip
     output = done.stdout + done.stderr
     assert done.returncode == 2 and "keep_fp32=" in output and "whole number >= 0" in output, output[-2000:]
     assert "Traceback" not in output and not (tmp_path / "run" / "onnx").exists()
@@ -384,7 +384,7 @@ def test_serve_with_onnx_in_the_server_threads_matches_pytorch(work, tmp_path):
 
     from fastapi.testclient import TestClient
 
-    from fashion_lightning.serve.cli import build
+    from fashion_lightning.apps.serve import build
 
     photos = sorted((work.catalog / "images").glob("*.jpg"))[:6]
     answers = {}

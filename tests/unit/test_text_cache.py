@@ -302,9 +302,9 @@ def test_clip_recipe_caches_the_locked_text_layers(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_cached_clip_recipe_run_saves_the_whole_network(tmp_path: Path) -> None:
-    from fashion_lightning.eval import evaluate
+    from fashion_lightning.apps.eval import evaluate
+    from fashion_lightning.apps.train import train
     from fashion_lightning.models.base import load_module
-    from fashion_lightning.train import train
     from hydra_helpers import QUIET, make_cfg
 
     overrides = [
