@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,12 +88,13 @@ class FashionDataset(Dataset):
         img = self.image(index)
         if self.transform is not None:
             img = self.transform(image=img)["image"]
-        item = {
-            "image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
-            "labels": self.labels[index],
-            "id": self.ids[index],
-            "text": self.texts[index],
-        }
-        if self.positive_groups is not None:
-            item["positive_group"] = self.positive_groups[index]
-        return item
+        return item_fields(self, index, image=torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))))
+
+
+def item_fields(split: Any, index: int, **inputs: Any) -> dict[str, Any]:
+    """``inputs`` plus what every item of ``split`` carries beside its input (labels, id, title, duplicate
+    group): one place for the datasets that serve images and those that serve cached activations."""
+    item = {**inputs, "labels": split.labels[index], "id": split.ids[index], "text": split.texts[index]}
+    if split.positive_groups is not None:
+        item["positive_group"] = split.positive_groups[index]
+    return item

@@ -33,7 +33,7 @@ import torch
 from rich.progress import Progress
 from torch.utils.data import Dataset
 
-from fashion_lightning.data.dataset import FashionDataset
+from fashion_lightning.data.dataset import FashionDataset, item_fields
 from fashion_lightning.data.sampling import epoch_seed
 from fashion_lightning.utils.atomic import atomic_write_text
 
@@ -314,12 +314,4 @@ class CachedTrunkDataset(Dataset):
             view = view_for(seed, index, self.cache.views)
         if self._array is None:
             self._array = self.cache.open()
-        item = {
-            "activation": torch.from_numpy(np.array(self._array[index, view])),
-            "labels": self.labels[index],
-            "id": self.ids[index],
-            "text": self.texts[index],
-        }
-        if self.positive_groups is not None:
-            item["positive_group"] = self.positive_groups[index]
-        return item
+        return item_fields(self, index, activation=torch.from_numpy(np.array(self._array[index, view])))

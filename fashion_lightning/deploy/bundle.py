@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 from fashion_lightning.data.images import NATIVE_HW
 from fashion_lightning.retrieval.manifest import ModelLoadError
 from fashion_lightning.utils.atomic import atomic_write_text
-from fashion_lightning.utils.bounded import LimitError, Limits, load_json
+from fashion_lightning.utils.bounded import Limits, load_json_or
 
 FORMAT = "fashion-lightning-onnx"
 FORMAT_VERSION = 1
@@ -175,12 +175,12 @@ def read_bundle(path: str | Path, verify: bool = True) -> OnnxBundle:
     where = root / MANIFEST_FILE
     if not root.is_dir():
         raise OnnxBundleError(f"onnx_dir {root}: no such folder (write one with fashion-export)")
-    try:
-        record = load_json(where, MANIFEST_LIMITS)
-    except FileNotFoundError:
-        raise OnnxBundleError(f"{where}: missing, so {root} is not a fashion-export folder") from None
-    except LimitError as err:
-        raise OnnxBundleError(f"refusing {where}: {err}") from None
+    record = load_json_or(
+        where,
+        MANIFEST_LIMITS,
+        missing=lambda: OnnxBundleError(f"{where}: missing, so {root} is not a fashion-export folder"),
+        refused=lambda why: OnnxBundleError(f"refusing {where}: {why}"),
+    )
     check_record(record, where)
     if verify:
         for name in record["files"]:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fashion_lightning.utils.atomic import atomic_dir, temp_prefix
-from fashion_lightning.utils.bounded import LimitError, Limits, load_json
+from fashion_lightning.utils.bounded import Limits, load_json_or
 
 if TYPE_CHECKING:  # the file names above are read by torch-free code (index manifests); torch loads lazily
     import torch
@@ -105,12 +105,12 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
     folder = artifact_dir(path)
     config_path = folder / CONFIG_FILE
-    try:
-        config = load_json(config_path, CONFIG_LIMITS)
-    except FileNotFoundError:
-        raise CheckpointError(f"{config_path}: missing, so {folder} is not a model artefact") from None
-    except LimitError as err:
-        raise UnsafeCheckpointError(f"refusing to load {config_path}: {err}") from None
+    config = load_json_or(
+        config_path,
+        CONFIG_LIMITS,
+        missing=lambda: CheckpointError(f"{config_path}: missing, so {folder} is not a model artefact"),
+        refused=lambda why: UnsafeCheckpointError(f"refusing to load {config_path}: {why}"),
+    )
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise CheckpointError(f"{config_path} is not a {FORMAT} config")
     if config.get("version") != FORMAT_VERSION:

