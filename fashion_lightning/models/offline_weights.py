@@ -13,7 +13,6 @@ users get pretrained towers from the package index alone:
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ class OfflineWeightsMissing(ImportError):
 def _weights_package(module: str, who_needs: str) -> ModuleType:
     """Import the pip package that ships offline weights, or say which one to install."""
     try:
-        return importlib.import_module(module)
+        return __import__(module)  # a top-level package; the import statement's own hook, so tests can hide it
     except ImportError as err:
         raise OfflineWeightsMissing(f"{who_needs} the '{module.replace('_', '-')}' package: {OFFLINE_HINT}") from err
 
