@@ -340,7 +340,7 @@ def test_cached_batches_keep_the_same_product_groups(synthetic_dm_kwargs: dict, 
     dm.setup("fit")
     items = dm.datasets["train"]
     torch.manual_seed(0)
-    net = MultiTaskNet({"a": 3}, backbone="test_resnet", input_size=(40, 32)).eval()
+    net = MultiTaskNet({"a": 3}, backbone="test_resnet", image_size=(40, 32)).eval()
     cache = ensure_trunk_cache(items, ImageEncoder(net, TrunkSplit(net.backbone, 2)), tmp_path)
     item = CachedTrunkDataset(cache, items)[(4, 9)]
     assert int(item["positive_group"]) == int(items.positive_groups[4])
