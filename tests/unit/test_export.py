@@ -354,32 +354,10 @@ def test_clip_index_and_text_queries_with_onnx_match_pytorch(work, clip, tmp_pat
         _same_top10(answers[1], answers[0])
 
 
-def test_serve_with_onnx_workers_matches_pytorch(work, tmp_path):
-    from fastapi.testclient import TestClient
-
-    from fashion_lightning.apps.serve import build
-
-    photos = sorted((work.catalog / "images").glob("*.jpg"))[:3]
-    answers = {}
-    for runtime in ("torch", "onnx"):
-        cfg = make_cfg("serve", tmp_path / runtime, work.cache, [
-            f"index_dir={work.index}", f"runtime={runtime}", f"onnx_dir={work.onnx}", "inference=process",
-        ])  # fmt: skip
-        with TestClient(build(cfg)) as client:
-            answers[runtime] = [
-                client.post(
-                    "/recommend/image", files={"photo": (p.name, p.read_bytes(), "image/jpeg")}, data={"k": "10"}
-                ).json()  # fmt: skip
-                for p in photos
-            ]
-    for ours, theirs in zip(answers["onnx"], answers["torch"]):
-        assert [r["id"] for r in ours["results"]] == [r["id"] for r in theirs["results"]]
-        assert ours["query"]["predicted"] == theirs["query"]["predicted"]
-
-
-def test_serve_with_onnx_in_the_server_threads_matches_pytorch(work, tmp_path):
-    """inference=thread: the graph runs in the request threads (ONNX Runtime releases the GIL), through the
-    encoder's pass combiner, with the PyTorch answers for photos sent at once."""
+@pytest.mark.parametrize("inference", ["process", "thread"])
+def test_serve_with_onnx_matches_pytorch(work, tmp_path, inference):
+    """Photos sent at once get PyTorch's answers from ONNX Runtime in worker processes (which batch them) and in
+    the server's threads (ONNX Runtime releases the GIL; the encoder's pass combiner batches them)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from fastapi.testclient import TestClient
@@ -390,7 +368,7 @@ def test_serve_with_onnx_in_the_server_threads_matches_pytorch(work, tmp_path):
     answers = {}
     for runtime in ("torch", "onnx"):
         cfg = make_cfg("serve", tmp_path / runtime, work.cache, [
-            f"index_dir={work.index}", f"runtime={runtime}", f"onnx_dir={work.onnx}", "inference=thread",
+            f"index_dir={work.index}", f"runtime={runtime}", f"onnx_dir={work.onnx}", f"inference={inference}",
         ])  # fmt: skip
         with TestClient(build(cfg)) as client:
 

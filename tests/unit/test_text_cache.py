@@ -11,6 +11,8 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from test_clip import one_thread  # noqa: F401 (autouse fixture: tiny models run on one thread)
+from test_trunk_cache import fit_recording_losses
 
 from fashion_lightning.data import trunk_cache
 from fashion_lightning.data.datamodule import FashionDataModule
@@ -27,14 +29,6 @@ pytestmark = pytest.mark.skipif(
 NET = {"_target_": "fashion_lightning.models.clip.ClipFusionNet", "model_name": "lite0-minilm", "pretrained": "offline",
        "image_size": [48, 36], "lock_image": True, "lock_text": True, "unlock_last_n": 1}  # fmt: skip
 TITLES = ["Nike Men Blue T-shirt", "a", "Puma Women Black Running Shoes with a rather long name for a title", ""]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -206,14 +200,6 @@ def test_datamodule_adds_each_items_title_states_to_train_and_eval_batches(net, 
 
 
 # --- the math: cached == uncached ----------------------------------------------------------------
-class StepLosses(L.Callback):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(outputs["loss"]))
-
-
 def _fit(dm_kwargs: dict, cache: bool, image: bool = False) -> tuple[list[float], ClipFusionModule, FashionDataModule,
                                                                    dict]:  # fmt: skip
     L.seed_everything(0)
@@ -225,14 +211,8 @@ def _fit(dm_kwargs: dict, cache: bool, image: bool = False) -> tuple[list[float]
     module = ClipFusionModule(NET, dm.vocabs, dm.class_weights, heads=True, kagl=False,
                               cache_text={"layer": 5, "dtype": "float32"}, cache_trunk=trunk,
                               optimizer={"lr": 1e-3}, param_groups={"new_lr": 1e-2})  # fmt: skip
-    initial = {k: v.clone() for k, v in module.state_dict().items()}
-    record = StepLosses()
-    trainer = L.Trainer(
-        max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[record], limit_val_batches=0, deterministic=True,
-    )  # fmt: skip
-    trainer.fit(module, datamodule=dm)
-    return record.losses, module, dm, initial
+    losses, initial = fit_recording_losses(module, dm, epochs=2)
+    return losses, module, dm, initial
 
 
 def test_cached_training_equals_uncached_training_step_by_step(synthetic_dm_kwargs: dict, tmp_path: Path) -> None:

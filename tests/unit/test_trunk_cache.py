@@ -182,6 +182,12 @@ def _fit(dm_kwargs: dict, cache: bool, epochs: int = 2) -> tuple[list[float], Mu
         NET, dm.vocabs, dm.class_weights, cache_trunk={"cut": 2, "views": 1, "dtype": "float32"},
         optimizer={"lr": 0.01}, param_groups={"backbone_lr_ratio": 1.0},
     )  # fmt: skip
+    losses, initial = fit_recording_losses(module, dm, epochs)
+    return losses, module, dm, initial
+
+
+def fit_recording_losses(module: L.LightningModule, dm: FashionDataModule, epochs: int) -> tuple[list[float], dict]:
+    """Train deterministically without validation: (the loss of every step, the state dict before training)."""
     initial = {k: v.clone() for k, v in module.state_dict().items()}
     record = StepLosses()
     trainer = L.Trainer(
@@ -189,7 +195,7 @@ def _fit(dm_kwargs: dict, cache: bool, epochs: int = 2) -> tuple[list[float], Mu
         enable_model_summary=False, callbacks=[record], limit_val_batches=0, deterministic=True,
     )  # fmt: skip
     trainer.fit(module, datamodule=dm)
-    return record.losses, module, dm, initial
+    return record.losses, initial
 
 
 def test_cached_training_equals_uncached_training_step_by_step(synthetic_dm_kwargs: dict, tmp_path: Path) -> None:
