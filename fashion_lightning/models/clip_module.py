@@ -44,6 +44,7 @@ from fashion_lightning.models.losses import (
     supervised_contrastive,
 )
 from fashion_lightning.models.preprocess import DeviceInput
+from fashion_lightning.models.trunk import TRUNK_CACHE_DEFAULTS
 
 MODES = ("frozen", "finetune")
 LOSSES = ("infonce", "siglip")
@@ -118,7 +119,7 @@ class ClipFusionModule(FashionModule):
         self._new_param_names = self._parameters_without_pretraining()
         # model.cache_text / cache_trunk: frozen lower layers of either tower, served from caches (clip_caches.py)
         self.hparams["cache_text"] = clip_caches.cache_options(cache_text, {"dtype": "float16"})
-        self.hparams["cache_trunk"] = clip_caches.cache_options(cache_trunk, {"views": 4, "dtype": "float16"})
+        self.hparams["cache_trunk"] = clip_caches.cache_options(cache_trunk, TRUNK_CACHE_DEFAULTS)
         self.text_split = clip_caches.text_split(self.net, cache_text)
         self.trunk = clip_caches.image_split(self.net, cache_trunk)
 

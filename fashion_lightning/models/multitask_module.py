@@ -33,7 +33,7 @@ from fashion_lightning.models.finetune import make_mixup
 from fashion_lightning.models.losses import MultiTaskLoss, fill_class_weights
 from fashion_lightning.models.multitask import MultiTaskNet
 from fashion_lightning.models.optim import layer_scales
-from fashion_lightning.models.trunk import TrunkEncoder, TrunkSplit
+from fashion_lightning.models.trunk import TRUNK_CACHE_DEFAULTS, TrunkEncoder, TrunkSplit
 
 log = logging.getLogger(__name__)
 BACKBONE = "net.backbone."  # parameter-name prefix of the backbone (the group rules' target)
@@ -80,7 +80,7 @@ class MultiTaskModule(FashionModule):
         self._feature_cache: dict[int, torch.Tensor] = {}
         self.trunk: TrunkSplit | None = None
         if cache_trunk:
-            options = {"views": 4, "dtype": "float16", **dict(cache_trunk)}
+            options = {**TRUNK_CACHE_DEFAULTS, **dict(cache_trunk)}
             if "cut" not in options:
                 raise ValueError("cache_trunk needs a cut (the layer group below which the trunk is frozen)")
             self.hparams["cache_trunk"] = options

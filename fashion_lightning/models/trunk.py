@@ -20,6 +20,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+# model.cache_trunk keys a config may leave out, for both families: the views per item and the stored dtype
+TRUNK_CACHE_DEFAULTS = {"views": 4, "dtype": "float16"}
+
 if TYPE_CHECKING:
     from fashion_lightning.models.multitask import MultiTaskNet
 
