@@ -99,5 +99,5 @@ def cached_image_embedding(module: Any, batch: Mapping[str, Any]) -> torch.Tenso
     split: TrunkSplit | None = module.trunk
     if split is None or "activation" not in batch:
         return None
-    features = split.upper(batch["activation"].to(module.device).float())
+    features = split.upper(module.preprocess.layout(batch["activation"].to(module.device).float()))
     return F.normalize(module.net.visual.head(features), dim=-1)

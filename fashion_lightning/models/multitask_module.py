@@ -122,7 +122,7 @@ class MultiTaskModule(FashionModule):
         """Activations at the cut: cached ones from the batch, else computed from the images (frozen, no grad)."""
         assert self.trunk is not None
         if "activation" in batch:
-            return batch["activation"].float()
+            return self.net.preprocess.layout(batch["activation"].float())
         with torch.no_grad():
             return self.trunk.lower(self.net.preprocess(batch["image"]))
 

@@ -45,9 +45,11 @@ class DeviceInput(nn.Module):
         elif x.data_ptr() == images.data_ptr():  # already float: do not normalise the caller's tensor
             x = x.clone()
         x = x.sub_(self.mean).div_(self.std)  # in place: one full-size float batch per step, not three
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return self.layout(x)
+
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the memory format the trunk runs in (also for activations read from a trunk cache)."""
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def extra_repr(self) -> str:
         return f"image_size={self.image_size}"

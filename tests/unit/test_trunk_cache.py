@@ -172,14 +172,17 @@ class StepLosses(L.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def _fit(dm_kwargs: dict, cache: bool, epochs: int = 2) -> tuple[list[float], MultiTaskModule, FashionDataModule, dict]:
+def _fit(
+    dm_kwargs: dict, cache: bool, epochs: int = 2, channels_last: bool = False
+) -> tuple[list[float], MultiTaskModule, FashionDataModule, dict]:
     L.seed_everything(0)
     dm = FashionDataModule(**dm_kwargs)
     dm.setup("fit")
     if not cache:
         dm.use_trunk_cache = lambda *args, **kwargs: None  # type: ignore[method-assign]  # serve images
     module = MultiTaskModule(
-        NET, dm.vocabs, dm.class_weights, cache_trunk={"cut": 2, "views": 1, "dtype": "float32"},
+        {**NET, "channels_last": channels_last}, dm.vocabs, dm.class_weights,
+        cache_trunk={"cut": 2, "views": 1, "dtype": "float32"},
         optimizer={"lr": 0.01}, param_groups={"backbone_lr_ratio": 1.0},
     )  # fmt: skip
     losses, initial = fit_recording_losses(module, dm, epochs)
@@ -198,10 +201,13 @@ def fit_recording_losses(module: L.LightningModule, dm: FashionDataModule, epoch
     return record.losses, initial
 
 
-def test_cached_training_equals_uncached_training_step_by_step(synthetic_dm_kwargs: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_cached_training_equals_uncached_training_step_by_step(
+    synthetic_dm_kwargs: dict, tmp_path: Path, channels_last: bool
+) -> None:
     kwargs = {**synthetic_dm_kwargs, "cache_dir": str(tmp_path), "train_transform": None}
-    uncached, _, dm_u, _ = _fit(kwargs, cache=False)
-    cached, module, dm_c, initial = _fit(kwargs, cache=True)
+    uncached, _, dm_u, _ = _fit(kwargs, cache=False, channels_last=channels_last)
+    cached, module, dm_c, initial = _fit(kwargs, cache=True, channels_last=channels_last)
     assert not dm_u._trunk_datasets and "train" in dm_c._trunk_datasets  # the cached run really read the cache
     assert len(cached) == len(uncached) >= 6
     np.testing.assert_allclose(cached, uncached, atol=1e-5, rtol=0)
