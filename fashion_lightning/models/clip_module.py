@@ -100,6 +100,8 @@ class ClipFusionModule(FashionModule):
             std=self.net.image_std,
             channels_last=channels_last,
         )
+        if channels_last:  # the tower's weights too: a channels_last input alone makes the convolutions reorder them
+            self.net.visual.to(memory_format=torch.channels_last)
         if mode == "frozen":
             self.net.requires_grad_(False)
             self.net.eval()

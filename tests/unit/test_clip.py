@@ -326,6 +326,19 @@ def test_checkpoint_round_trip(tmp_path) -> None:
     assert json.dumps(restored.hparams.vocabs)  # plain data in the checkpoint
 
 
+def test_channels_last_is_a_layout_not_a_model() -> None:
+    """channels_last puts the image tower's weights in that layout (not just its input), same embeddings."""
+    data = squares(8, seed=3)
+    embeddings = {}
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        module = ClipFusionModule(TINY, VOCABS, mode="finetune", channels_last=channels_last).eval()
+        convs = [p for p in module.net.visual.parameters() if p.ndim == 4]
+        assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs) == channels_last
+        embeddings[channels_last] = module.embed_items(data)["image_embedding"]
+    torch.testing.assert_close(embeddings[True], embeddings[False], atol=1e-5, rtol=1e-5)
+
+
 def test_evaluation_callback_writes_kagl(tmp_path) -> None:
     from fashion_lightning.callbacks.evaluation import EvaluationCallback
 
