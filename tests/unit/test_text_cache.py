@@ -268,6 +268,7 @@ def test_clip_recipe_caches_the_locked_text_layers(tmp_path: Path) -> None:
 
     cfg = make_cfg("train", tmp_path / "run", tmp_path / "cache", ["experiment=clip_offline_finetune", "data.root=/x"])
     assert cfg.model.cache_text.layer == 6 - cfg.model.net.unlock_last_n  # exactly the layers the lock freezes
+    assert cfg.model.cache_trunk.cut == 7 - cfg.model.net.unlock_last_n  # lite0's 7 blocks, the same rule
     tasks = ("articleType", "baseColour", "gender", "masterCategory", "season", "subCategory")
     module = instantiate(cfg.model, vocabs={task: ["a", "b"] for task in tasks})
     text = module.net.model.text.transformer
@@ -295,9 +296,11 @@ def test_cached_clip_recipe_run_saves_the_whole_network(tmp_path: Path) -> None:
     ]  # fmt: skip
     cache_dir = tmp_path / "cache"  # its own: the text cache found below is this run's
     metrics = train(make_cfg("train", tmp_path / "run", cache_dir, overrides))
-    assert any((cache_dir / "text").glob("*/meta.json"))  # the run trained from cached token states
+    assert any((cache_dir / "text").glob("*/meta.json"))  # the run trained from cached token states ...
+    assert any((cache_dir / "trunk").glob("*/meta.json"))  # ... and cached image-trunk activations
     module = load_module(tmp_path / "run" / "model")
-    assert module.hparams.cache_text is None and module.text_split is None  # inference runs the whole tower
+    assert module.hparams.cache_text is None and module.text_split is None  # inference runs the whole towers
+    assert module.hparams.cache_trunk is None and module.trunk is None
     ckpt = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)
     assert set(ckpt["state_dict"]) == set(module.state_dict())
     evaluated = evaluate(make_cfg("eval", tmp_path / "eval", cache_dir, [
